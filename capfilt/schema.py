@@ -1,0 +1,160 @@
+"""The output-shard contract: column names, Arrow types, row statuses.
+
+Every capfilt output shard has one row per input row and exactly the columns built by
+:func:`output_schema` (contract columns plus the input columns passed through). Names are part of
+the contract (see DESIGN.md "The output contract"): add columns, never rename them.
+
+List-valued columns are parallel *flat* lists (``list<string>``, ``list<float32>``), never
+``list<struct>``: fastparquet silently reads nested structs as all-null.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+# --- row statuses ---------------------------------------------------------------------------
+SUCCESS = "success"
+FAILED_TO_DOWNLOAD = "failed_to_download"
+FAILED_TO_RESIZE = "failed_to_resize"
+TOO_SMALL = "too_small"
+TOO_LARGE = "too_large"
+OPTED_OUT = "opted_out"
+INVALID_URL = "invalid_url"
+BLOCKED_ADDRESS = "blocked_address"
+DUPLICATE = "duplicate"
+FAILED_TO_CAPTION = "failed_to_caption"
+FAILED_TO_SCORE = "failed_to_score"
+
+#: Every status a row can end with, and what it means (shown by ``capfilt run --help`` and the report).
+STATUSES: dict[str, str] = {
+    SUCCESS: "image downloaded, resized, captioned and scored",
+    FAILED_TO_DOWNLOAD: "HTTP error, timeout, connection failure, or the body was not an image",
+    FAILED_TO_RESIZE: "the bytes arrived but could not be decoded or resized",
+    TOO_SMALL: "shorter side below download.min_image_size",
+    TOO_LARGE: "more pixels than download.max_image_pixels, aspect ratio or byte size too large",
+    OPTED_OUT: "the server sent an X-Robots-Tag directive opting out (noai, noimageai, ...)",
+    INVALID_URL: "the URL is empty, null, not http(s) or malformed",
+    BLOCKED_ADDRESS: "the host resolves to a private, loopback, link-local or multicast address",
+    DUPLICATE: "exact duplicate image (same sha256) of an earlier row in the run",
+    FAILED_TO_CAPTION: "the captioner raised on this row (retried alone)",
+    FAILED_TO_SCORE: "the filter raised on this row (retried alone)",
+}
+
+# --- drop reasons (set by the select stage) ---------------------------------------------------
+DROP_NOT_DOWNLOADED = "not_downloaded"
+DROP_BELOW_THRESHOLD = "below_threshold"
+DROP_NO_CANDIDATES = "no_candidates"
+
+SOURCE_WEB = "web"
+SOURCE_SYNTHETIC = "synthetic"
+
+# --- column groups ----------------------------------------------------------------------------
+#: Identity columns, first in every shard.
+ID_FIELDS: list[pa.Field] = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string()),
+]
+
+#: Download stage output.
+DOWNLOAD_FIELDS: list[pa.Field] = [
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error_message", pa.string()),
+    pa.field("image", pa.binary()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("original_width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("sha256", pa.string()),
+]
+
+#: Caption stage output.
+CAPTION_FIELDS: list[pa.Field] = [
+    pa.field("synthetic_captions", pa.list_(pa.string())),
+]
+
+
+def score_fields(scorer: str) -> list[pa.Field]:
+    """Columns written by one scorer.
+
+    Args:
+        scorer: ``"itm"`` (BLIP ITM match probability in [0, 1]), ``"itc"`` (BLIP ITC cosine in
+            [-1, 1]) or ``"clip"`` (CLIP image-text cosine in [-1, 1]).
+
+    Returns:
+        ``[synthetic_<scorer>: list<float32>, web_<scorer>: float32]``; the list is aligned with
+        ``synthetic_captions``; ``web_<scorer>`` is null when the row has no web caption.
+    """
+    return [
+        pa.field(f"synthetic_{scorer}", pa.list_(pa.float32())),
+        pa.field(f"web_{scorer}", pa.float32()),
+    ]
+
+
+#: Select stage output.
+SELECT_FIELDS: list[pa.Field] = [
+    pa.field("captions", pa.list_(pa.string())),
+    pa.field("caption_scores", pa.list_(pa.float32())),
+    pa.field("caption_sources", pa.list_(pa.string())),
+    pa.field("keep", pa.bool_(), nullable=False),
+    pa.field("drop_reason", pa.string()),
+]
+
+CONTRACT_COLUMNS = {f.name for f in ID_FIELDS + DOWNLOAD_FIELDS + CAPTION_FIELDS + SELECT_FIELDS} | {
+    f.name for s in ("itm", "itc", "clip") for f in score_fields(s)
+}
+
+#: Columns of the input that are never passed through (pandas' stored index).
+DROPPED_INPUT_COLUMNS = {"__index_level_0__"}
+
+
+def output_schema(passthrough: pa.Schema | Sequence[pa.Field] = (), scorers: Iterable[str] = ("itm", "itc"),
+                  run_id: str | None = None) -> pa.Schema:
+    """The schema every shard of a run is cast to.
+
+    Args:
+        passthrough: input columns passed through under their own names, in input order. Their
+            names must not collide with contract columns (the reader renames or drops those).
+        scorers: scorers whose columns exist in this run (``itm``, ``itc``, ``clip``); a run
+            always has the same columns in every shard, also in shards whose rows all failed.
+        run_id: stored in the Parquet key-value metadata with the schema version.
+
+    Returns:
+        An Arrow schema with metadata ``capfilt.schema_version`` (and ``capfilt.run_id``).
+    """
+    fields = list(ID_FIELDS) + list(passthrough) + list(DOWNLOAD_FIELDS) + list(CAPTION_FIELDS)
+    for s in scorers:
+        fields += score_fields(s)
+    fields += SELECT_FIELDS
+    meta = {"capfilt.schema_version": SCHEMA_VERSION}
+    if run_id:
+        meta["capfilt.run_id"] = run_id
+    return pa.schema(fields, metadata=meta)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Return ``table`` with exactly ``schema``'s columns, in order, cast to its types.
+
+    Missing columns are filled with nulls (for a non-nullable bool such as ``keep``, ``False``);
+    extra columns (internal ``_``-prefixed ones) are dropped.
+
+    Raises:
+        pyarrow.ArrowInvalid: if a present column cannot be cast to the contract type.
+    """
+    n = table.num_rows
+    arrays = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            if col.type != field.type:
+                col = col.cast(field.type)
+            arrays.append(col)
+        elif pa.types.is_boolean(field.type) and not field.nullable:
+            arrays.append(pa.array([False] * n, pa.bool_()))
+        else:
+            arrays.append(pa.nulls(n, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
