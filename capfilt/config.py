@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from capfilt.errors import CapfiltError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Scorer = Literal["itm", "itc", "clip"]
@@ -23,7 +24,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ConfigError(ValueError):
+class ConfigError(CapfiltError, ValueError):
     """A recipe, preset or command-line override is invalid; the message says which key and why."""
 
 

@@ -1,0 +1,1 @@
+"""Input discovery/reading, safe HTTP fetching, image decoding and shard writing."""
