@@ -164,12 +164,6 @@ class SelectConfig(_Strict):
         return set(self.thresholds()) | {self.rank_by}
 
 
-class DedupConfig(_Strict):
-    """Exact duplicate removal by image sha256 (later rows of a run get status ``duplicate``)."""
-
-    enabled: bool = False
-
-
 class OutputConfig(_Strict):
     """Shard layout. ``rows_per_shard`` input rows go to one shard (img2dataset's number_sample_per_shard)."""
 
@@ -213,7 +207,6 @@ class PipelineConfig(_Strict):
     models: str = "blip-large"
     input: InputConfig = InputConfig()
     download: DownloadConfig = DownloadConfig()
-    dedup: DedupConfig = DedupConfig()
     caption: CaptionConfig = CaptionConfig()
     score: ScoreConfig = ScoreConfig()
     select: SelectConfig = SelectConfig()

@@ -1,0 +1,367 @@
+"""The Python API behind ``capfilt run``: plan, check, resume, execute, record.
+
+``run(RunOptions(inputs=[...], output=..., pipeline="blip", models="tiny"))`` does what the CLI
+does. Everything that can be wrong with the inputs, the recipe, the models or the output folder is
+checked before any download starts, and raised as a :class:`capfilt.errors.CapfiltError` with one
+readable message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from capfilt import __version__
+from capfilt.config import ModelPreset, PipelineConfig, load_pipeline, load_preset
+from capfilt.errors import ConfigError, OutputError
+from capfilt.io.filesystem import Location, locate
+from capfilt.io.reader import InputFile, inspect_inputs, key_to_position, passthrough_fields
+from capfilt.io.writer import META_DIR, ShardWriter, committed_keys, scan_output
+from capfilt.runner import StagePlan, run_local, run_ray
+from capfilt.schema import SELECT_FIELDS, output_schema
+from capfilt.stages.read import ReadOutputStage, ReadStage, ShardSpec, specs_table
+from capfilt.stages.select import SelectStage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    """One ``capfilt run``: inputs, output, recipe, model preset and where to execute.
+
+    ``overrides`` are ``section.key=value`` strings applied to the recipe. ``executor`` ``ray``
+    runs one streaming Ray Data job (local Ray unless ``ray_address``/``RAY_ADDRESS``); ``local``
+    runs the stages in this process (model-free recipes, debugging).
+    """
+
+    inputs: list[str]
+    output: str
+    pipeline: str = "blip"
+    models: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    ray_address: str | None = None
+    executor: Literal["ray", "local", "auto"] = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    """What a run did: the output, its run record and totals over all committed shards."""
+
+    output: str
+    run_id: str
+    record: dict[str, Any]
+    totals: dict[str, Any]
+    wall_seconds: float
+    parts_written: int
+    parts_skipped: int
+    resumed: bool
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"capfilt": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "ray", "pyarrow", "img2dataset", "pillow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_overlap(inputs: list[str], out: Location) -> None:
+    if not out.is_local:
+        for i in inputs:
+            if i.rstrip("/") == out.uri.rstrip("/"):
+                raise OutputError(f"output {out.uri} is also an input; choose another --output")
+        return
+    outp = os.path.realpath(out.path)
+    for i in inputs:
+        if "://" in i:
+            continue
+        ip = os.path.realpath(i)
+        if ip == outp or ip.startswith(outp + os.sep) or outp.startswith(ip + os.sep):
+            raise OutputError(f"output {out.uri} overlaps input {i}: shards would be read back as input. "
+                              f"Choose an --output outside the input folder.")
+
+
+def _read_json(loc: Location) -> dict | None:
+    if not loc.exists():
+        return None
+    with loc.fs.open_input_stream(loc.path) as f:
+        try:
+            return json.loads(f.read())
+        except ValueError:
+            return None
+
+
+def write_json(loc: Location, data: dict) -> None:
+    """Write JSON atomically (temporary name, then move)."""
+    loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
+    tmp = loc.path + f".{uuid.uuid4().hex}.tmp"
+    with loc.fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(data, indent=2, default=str).encode())
+    loc.fs.move(tmp, loc.path)
+
+
+def _wipe(out: Location) -> None:
+    for info in out.fs.get_file_info(pafs.FileSelector(out.path, recursive=False)):
+        if info.type == pafs.FileType.Directory:
+            out.fs.delete_dir(info.path)
+        else:
+            out.fs.delete_file(info.path)
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _identity(cfg: PipelineConfig, preset: ModelPreset | None, inputs: list[str]) -> dict:
+    return {"recipe": cfg.fingerprint(),
+            "models": preset.model_dump(mode="json", exclude={"description"}) if preset else None,
+            "inputs": inputs}
+
+
+def _plan_metadata_specs(files: list[InputFile], rows_per_shard: int, done: dict[tuple[int, int], None]
+                         ) -> tuple[list[ShardSpec], int]:
+    specs, shard_id, skipped = [], 0, 0
+    for f in files:
+        for start in range(0, f.num_rows, rows_per_shard):
+            stop = min(start + rows_per_shard, f.num_rows)
+            skip = tuple(r for r in range(start, stop) if (f.index, r) in done)
+            spec = ShardSpec(shard_id, f.index, start, stop, skip)
+            if spec.pending > 0:
+                specs.append(spec)
+            else:
+                skipped += 1
+            shard_id += 1
+    return specs, skipped
+
+
+def totals_from_stats(stats: list[dict]) -> dict[str, Any]:
+    """Sum per-part stats into run totals, with per-stage throughput.
+
+    Throughput is per worker-second of the stage (``images_per_s`` for caption, ``texts_per_s`` for
+    score, ``rows_per_s`` for download): summed stage seconds are busy time across all workers.
+    """
+    status, texts, seconds = Counter(), Counter(), Counter()
+    rows = keep = imgs = caps = scored = nbytes = 0
+    for s in stats:
+        rows += s.get("rows", 0)
+        keep += s.get("keep", 0)
+        status.update(s.get("status", {}))
+        texts.update(s.get("texts_kept", {}))
+        seconds.update(s.get("seconds", {}))
+        imgs += s.get("images_captioned", 0)
+        caps += s.get("captions_generated", 0)
+        scored += s.get("texts_scored", 0)
+        nbytes += s.get("image_bytes", 0)
+    throughput = {}
+    if seconds.get("download"):
+        throughput["download"] = {"rows_per_s": rows / seconds["download"], "seconds": seconds["download"]}
+    if seconds.get("caption"):
+        throughput["caption"] = {"images_per_s": imgs / seconds["caption"],
+                                 "captions_per_s": caps / seconds["caption"], "seconds": seconds["caption"]}
+    if seconds.get("score"):
+        throughput["score"] = {"texts_per_s": scored / seconds["score"],
+                               "images_per_s": status.get("success", 0) / seconds["score"],
+                               "seconds": seconds["score"]}
+    return {"rows": rows, "status": dict(sorted(status.items())), "success": status.get("success", 0),
+            "keep": keep, "texts_kept": dict(texts), "images_captioned": imgs, "captions_generated": caps,
+            "texts_scored": scored, "image_bytes": nbytes, "parts": len(stats), "throughput": throughput}
+
+
+def resolve(opts: RunOptions) -> tuple[PipelineConfig, ModelPreset | None]:
+    """Load the recipe (with overrides) and, when a model stage runs, the model preset.
+
+    Raises:
+        ConfigError: unknown recipe/preset, invalid values, unknown keys.
+    """
+    cfg = load_pipeline(opts.pipeline, opts.overrides)
+    needs_models = cfg.source == "metadata" and (cfg.caption.enabled or cfg.score.enabled)
+    preset = load_preset(opts.models or cfg.models) if needs_models else None
+    if preset and "clip" in cfg.score.scorers and cfg.score.enabled and preset.clip is None:
+        raise ConfigError(f"recipe {cfg.name!r} scores with CLIP but model preset {preset.name!r} has no `clip:` "
+                          f"model; add one to the preset or choose another --models")
+    return cfg, preset
+
+
+def run(opts: RunOptions) -> RunResult:
+    """Run a pipeline end to end (or resume it) and return what it did.
+
+    Raises:
+        capfilt.errors.CapfiltError: bad inputs, recipe, models or output folder (before any work).
+    """
+    t0 = time.time()
+    cfg, preset = resolve(opts)
+    out = locate(opts.output)
+    _check_overlap(opts.inputs, out)
+
+    # --- inputs and schema ------------------------------------------------------------------
+    if cfg.source == "metadata":
+        files = inspect_inputs(opts.inputs, cfg.input)
+        scorers = cfg.score.scorers if cfg.score.enabled else []
+        schema_fields = passthrough_fields(files)
+        old_parts = []
+    else:
+        if len(opts.inputs) != 1:
+            raise ConfigError("the refilter recipe reads exactly one capfilt output: --input OLD_OUT")
+        src = locate(opts.inputs[0])
+        old_parts, _ = scan_output(src)
+        if not old_parts:
+            raise OutputError(f"{src.uri} holds no committed capfilt shards (NAME.parquet + NAME.stats.json)")
+        with src.fs.open_input_file(old_parts[0].parquet) as fh:
+            old_schema = pq.read_schema(fh)
+        scorers = [s for s in ("itm", "itc", "clip") if f"web_{s}" in old_schema.names]
+        missing = sorted(cfg.select.scorers_needed() - set(scorers))
+        if missing:
+            raise ConfigError(f"{src.uri} has no stored {', '.join(missing)} scores (it has: "
+                              f"{', '.join(scorers) or 'none'}); the old run never computed them. Rerun "
+                              f"`capfilt run` with score.scorers including {missing}, or select on what exists.")
+        select_names = {f.name for f in SELECT_FIELDS}
+        skip = {"key", "url", "caption", "status", "error_message", "image", "width", "height", "original_width",
+                "original_height", "sha256", "synthetic_captions"} | select_names
+        skip |= {f"{p}_{s}" for p in ("web", "synthetic") for s in scorers}
+        schema_fields = [f for f in old_schema if f.name not in skip]
+        files = []
+
+    if preset is not None:
+        from capfilt.modeling.loading import preflight
+
+        need = set()
+        if cfg.caption.enabled:
+            need.add("captioner")
+        if cfg.score.enabled and ({"itm", "itc"} & set(scorers)):
+            need.add("filter")
+        if cfg.score.enabled and "clip" in scorers:
+            need.add("clip")
+        preflight(preset, need)
+
+    # --- existing output: resume, refuse, or overwrite ----------------------------------------
+    ident = _identity(cfg, preset, [locate(i).uri for i in opts.inputs])
+    run_json = out.join(META_DIR, "run.json")
+    previous = _read_json(run_json)
+    if previous is not None and not opts.overwrite:
+        changes = _diff(previous.get("identity"), ident)
+        if changes:
+            shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+            raise OutputError(f"{out.uri} holds a run with different settings ({shown}). Use --overwrite to "
+                              f"delete it and start again, or choose another --output.")
+    elif previous is None and out.exists() and not opts.overwrite:
+        parts, _ = scan_output(out)
+        if parts:
+            raise OutputError(f"{out.uri} holds shards but no {META_DIR}/run.json; use --overwrite or another --output")
+    if opts.overwrite and out.exists():
+        _wipe(out)
+        previous = None
+    out.fs.create_dir(out.path, recursive=True)
+    parts, leftovers = scan_output(out)
+    for path in leftovers:
+        out.fs.delete_file(path)
+    done_keys = committed_keys(out, parts)
+    resumed = bool(parts)
+
+    run_id = previous.get("run_id") if previous else uuid.uuid4().hex[:12]
+    schema = output_schema(schema_fields, scorers, run_id)
+
+    # --- shard plan -------------------------------------------------------------------------
+    if cfg.source == "metadata":
+        done = dict.fromkeys(key_to_position(k) for k in done_keys)
+        specs, skipped = _plan_metadata_specs(files, cfg.output.rows_per_shard, done)
+        read_stage = ReadStage(files)
+        total_rows = sum(f.num_rows for f in files)
+    else:
+        done_set = set(done_keys)
+        specs, skipped, total_rows = [], 0, 0
+        for sid, p in enumerate(old_parts):
+            with src.fs.open_input_file(p.parquet) as fh:
+                keys = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
+            total_rows += len(keys)
+            skip_rows = tuple(i for i, k in enumerate(keys) if k in done_set)
+            spec = ShardSpec(sid, 0, 0, len(keys), skip_rows, p.parquet)
+            if spec.pending:
+                specs.append(spec)
+            else:
+                skipped += 1
+        read_stage = ReadOutputStage(src.uri)
+
+    record = {
+        "run_id": run_id, "status": "running", "capfilt_version": __version__,
+        "command": " ".join(sys.argv) if sys.argv and "capfilt" in sys.argv[0] else None,
+        "identity": ident, "config": cfg.model_dump(mode="json"),
+        "models": preset.model_dump(mode="json") if preset else None,
+        "inputs": [{"uri": f.uri, "format": f.format, "rows": f.num_rows, "url_col": f.url_col,
+                    "caption_col": f.caption_col} for f in files] or [{"uri": u} for u in opts.inputs],
+        "input_rows": total_rows, "output": out.uri, "versions": _versions(),
+        "attempts": (previous or {}).get("attempts", []) + [{"started": time.time(), "resumed": resumed,
+                                                            "parts_already_done": len(parts)}],
+    }
+    write_json(run_json, record)
+
+    # --- stages -----------------------------------------------------------------------------
+    res = cfg.resources
+    plans = [StagePlan(read_stage, res.read)]
+    if cfg.source == "metadata":
+        if cfg.download.enabled:
+            from capfilt.stages.download import DownloadStage
+
+            plans.append(StagePlan(DownloadStage(cfg.download), res.download))
+        if cfg.caption.enabled:
+            from capfilt.stages.caption import CaptionStage
+
+            plans.append(StagePlan(CaptionStage(cfg.caption, preset), res.caption))
+        if cfg.score.enabled:
+            from capfilt.stages.score import ScoreStage
+
+            plans.append(StagePlan(ScoreStage(cfg.score, preset), res.score))
+    plans.append(StagePlan(SelectStage(cfg.select), res.select))
+    plans.append(StagePlan(ShardWriter(out.uri, schema, run_id, cfg.output.compression), res.write))
+
+    executor = opts.executor
+    if executor == "auto":
+        executor = "local" if cfg.source == "output" else "ray"
+    table = specs_table(specs)
+    t_exec = time.time()
+    written = []
+    stream = run_ray(table, plans, opts.ray_address, opts.progress) if executor == "ray" else run_local(table, plans)
+    for batch in stream:
+        for s in batch.column("stats").to_pylist():
+            written.append(json.loads(s))
+    exec_seconds = time.time() - t_exec
+
+    # --- record -----------------------------------------------------------------------------
+    parts_now, _ = scan_output(out)
+    totals = totals_from_stats([p.stats for p in parts_now])
+    wall = time.time() - t0
+    record["attempts"][-1].update({"finished": time.time(), "parts_written": len(written),
+                                   "wall_seconds": wall, "execute_seconds": exec_seconds})
+    complete = totals["rows"] == total_rows
+    record.update({"status": "complete" if complete else "incomplete", "totals": totals,
+                   "timings": {"wall_seconds": sum(a.get("wall_seconds", 0) for a in record["attempts"]),
+                               "last_attempt_seconds": wall,
+                               "stage_seconds": {k: v["seconds"] for k, v in totals["throughput"].items()}},
+                   "stages": totals["throughput"]})
+    write_json(run_json, record)
+    if not complete:
+        raise OutputError(f"run finished with {totals['rows']} of {total_rows} rows written; rerun the same command "
+                          f"to complete it")
+    return RunResult(out.uri, run_id, record, totals, wall, len(written), skipped, resumed)

@@ -1,0 +1,152 @@
+"""``capfilt`` command line: a thin typer shell over :mod:`capfilt.api`.
+
+Errors the user can fix (:class:`capfilt.errors.CapfiltError`) print one message and exit 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from capfilt.errors import CapfiltError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="CapFilt (BLIP / BLIP-2) data curation: download, caption, filter, write Parquet shards.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _fail(e: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def print_summary(result, con: Console = console) -> None:
+    """Print the end-of-run table: rows, statuses, texts kept, output path, wall time."""
+    t = result.totals
+    table = Table(title="capfilt run", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("rows", f"{t['rows']:,}")
+    for status, n in sorted(t["status"].items(), key=lambda kv: (kv[0] != "success", -kv[1])):
+        table.add_row(f"  {status}", f"{n:,}")
+    table.add_row("rows kept", f"{t['keep']:,}")
+    tk = t.get("texts_kept", {})
+    table.add_row("texts kept (web / synthetic)", f"{tk.get('web', 0):,} / {tk.get('synthetic', 0):,}")
+    for stage, tp in t.get("throughput", {}).items():
+        rate = ", ".join(f"{v:.2f} {k.replace('_per_s', '')}/s" for k, v in tp.items() if k.endswith("_per_s"))
+        table.add_row(f"{stage} throughput", rate)
+    table.add_row("shard parts written / already done", f"{result.parts_written} / {result.parts_skipped}")
+    table.add_row("output", str(result.output))
+    table.add_row("wall time", f"{result.wall_seconds:.1f} s")
+    con.print(table)
+
+
+@app.command()
+def run(
+    input: Annotated[list[str], typer.Option("--input", "-i", help="Input file(s) or folder(s): .parquet .csv "
+                                             ".tsv .jsonl .txt; local or s3://, gs://. Repeat for several.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder (local or object storage).")],
+    pipeline: Annotated[str, typer.Option(help="Recipe name (blip, blip2, download, refilter) or YAML path.")] = "blip",
+    models: Annotated[Optional[str], typer.Option(help="Model preset (blip-large, blip-base, blip2, tiny) or "
+                                                  "YAML path; default: the recipe's.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe value: "
+                                                      "section.key=value, e.g. caption.num_captions=10.")] = None,
+    url_col: Annotated[Optional[str], typer.Option(help="URL column (default: url/URL/image_url).")] = None,
+    caption_col: Annotated[Optional[str], typer.Option(help="Caption column (default: caption/TEXT/txt/text).")] = None,
+    keep_columns: Annotated[Optional[str], typer.Option(help="Comma-separated input columns to pass through "
+                                                        "(default: all).")] = None,
+    input_format: Annotated[Optional[str], typer.Option(help="auto|parquet|csv|tsv|jsonl|txt")] = None,
+    rows_per_shard: Annotated[Optional[int], typer.Option(help="Input rows per output shard.")] = None,
+    num_captions: Annotated[Optional[int], typer.Option(help="Synthetic captions per image.")] = None,
+    itm_threshold: Annotated[Optional[float], typer.Option(help="Keep texts with ITM probability >= this.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Keep at most this many texts per image.")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Download timeout per try, seconds.")] = None,
+    allow_private_network: Annotated[bool, typer.Option(help="Allow URLs on loopback/private/link-local "
+                                                        "addresses.")] = False,
+    allow_file_urls: Annotated[bool, typer.Option(help="Allow file:// URLs.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="Join a Ray cluster (e.g. auto); default: "
+                                                       "RAY_ADDRESS or a local Ray.")] = None,
+    executor: Annotated[str, typer.Option(help="ray | local (in-process) | auto")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing output of a different run first.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run a CapFilt pipeline: read -> download -> caption -> score -> select -> write shards.
+
+    Rerunning the same command resumes: committed shards are kept, the rest is redone.
+    """
+    from capfilt.api import RunOptions
+    from capfilt.api import run as api_run
+
+    overrides = list(set_ or [])
+    flag_map = {"input.url_col": url_col, "input.caption_col": caption_col, "input.input_format": input_format,
+                "output.rows_per_shard": rows_per_shard, "caption.num_captions": num_captions,
+                "select.itm_threshold": itm_threshold, "select.top_k": top_k, "download.timeout": timeout}
+    overrides += [f"{k}={v}" for k, v in flag_map.items() if v is not None]
+    if keep_columns is not None:
+        cols = [c.strip() for c in keep_columns.split(",") if c.strip()]
+        overrides.append(f"input.keep_columns=[{', '.join(repr(c) for c in cols)}]")
+    if allow_private_network:
+        overrides.append("download.allow_private_network=true")
+    if allow_file_urls:
+        overrides.append("download.allow_file_urls=true")
+    opts = RunOptions(inputs=input, output=output, pipeline=pipeline, models=models, overrides=overrides,
+                      ray_address=ray_address, executor=executor, overwrite=overwrite, progress=progress)
+    try:
+        result = api_run(opts)
+    except CapfiltError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: committed shards are kept; rerun the same command to resume.")
+        raise typer.Exit(130)
+    print_summary(result)
+
+
+@app.command()
+def demo(
+    output: Annotated[str, typer.Option(help="Output folder for the demo run.")] = "capfilt-demo",
+    models: Annotated[str, typer.Option(help="Model preset; the default tiny preset needs no download.")] = "tiny",
+    pipeline: Annotated[str, typer.Option(help="Recipe to run.")] = "blip",
+    overwrite: Annotated[bool, typer.Option(help="Start again if the output exists.")] = True,
+) -> None:
+    """Offline demo: serve bundled CC0/public-domain photos on 127.0.0.1 and run CapFilt on them."""
+    from capfilt.demo import run_demo
+
+    try:
+        run_demo(Path(output), models=models, pipeline=pipeline, overwrite=overwrite, console=console)
+    except CapfiltError as e:
+        _fail(e)
+
+
+def _register_optional() -> None:
+    """Add the report/inspect and train commands (their modules own them)."""
+    for mod in ("capfilt.report.cli", "capfilt.train.cli"):
+        try:
+            module = __import__(mod, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith(mod.rsplit(".", 1)[0]):
+                continue
+            raise
+        module.register(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

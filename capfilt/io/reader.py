@@ -1,0 +1,346 @@
+"""Input discovery, up-front validation and row reading (img2dataset's reader, CapFilt flavour).
+
+Formats: Parquet, CSV/TSV (with or without a header row), JSONL, plain ``.txt`` URL lists (one URL
+per line; no delimiter parsing, so URLs with commas survive). Column names follow img2dataset's
+``--url_col`` / ``--caption_col``; by default they are found case-insensitively (LAION's
+``URL``/``TEXT``, img2dataset's ``url``/``caption``/``txt``).
+
+Every row gets a stable key ``FFFF_RRRRRRRRR`` (input file index in sorted order, row index in
+that file, both 0-based), so keys are unique in a run and the same on every rerun.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from capfilt.config import InputConfig
+from capfilt.errors import InputError
+from capfilt.io.filesystem import Location, locate
+from capfilt.schema import CONTRACT_COLUMNS, DROPPED_INPUT_COLUMNS
+
+URL_ALIASES = ("url", "image_url", "img_url", "imageurl", "link")
+CAPTION_ALIASES = ("caption", "text", "txt", "alt", "alt_text", "alttext", "title")
+SUFFIX_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+                  ".ndjson": "jsonl", ".txt": "txt"}
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file: where it is, its index in the run (key prefix), its format and row count.
+
+    ``url_col`` / ``caption_col`` are the resolved source column names (``caption_col`` may be
+    ``None``: no web captions). ``passthrough`` lists ``(source name, output name, type)``.
+    """
+
+    index: int
+    uri: str
+    format: str
+    num_rows: int
+    url_col: str
+    caption_col: str | None
+    passthrough: tuple[tuple[str, str, pa.DataType], ...] = field(default=())
+    has_header: bool = True
+
+
+def _is_side_file(name: str) -> bool:
+    return name.startswith((".", "_")) or name.endswith((".crc", ".tmp")) or name == "_SUCCESS"
+
+
+def discover(inputs: list[str], input_format: str = "auto") -> list[Location]:
+    """Expand files and folders into the sorted list of input files.
+
+    Folders are walked recursively; side files (``.crc``, ``_SUCCESS``, dot- and underscore-files,
+    and anything under such folders) are ignored; with ``input_format='auto'`` only known suffixes
+    (.parquet .csv .tsv .jsonl .json .ndjson .txt) count.
+
+    Raises:
+        InputError: a path does not exist, or a folder holds no input file.
+    """
+    found: list[Location] = []
+    for uri in inputs:
+        try:
+            loc = locate(uri)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"input {uri} does not exist")
+        if info.type == pafs.FileType.File:
+            found.append(loc)
+            continue
+        entries = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+        files = []
+        for e in entries:
+            if e.type != pafs.FileType.File:
+                continue
+            rel = e.path[len(loc.path):].lstrip("/")
+            if any(_is_side_file(part) for part in rel.split("/")):
+                continue
+            if input_format == "auto" and _suffix(e.path) not in SUFFIX_FORMATS:
+                continue
+            files.append(Location(loc.fs, e.path, loc.join(rel).uri))
+        if not files:
+            raise InputError(f"input folder {uri} holds no input files (.parquet, .csv, .tsv, .jsonl, .txt)")
+        found.extend(sorted(files, key=lambda x: x.path))
+    return found
+
+
+def _suffix(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def detect_format(loc: Location, input_format: str) -> str:
+    """The file's format: ``input_format`` unless ``auto``, else from the suffix.
+
+    Raises:
+        InputError: unknown suffix with ``auto``.
+    """
+    if input_format != "auto":
+        return input_format
+    fmt = SUFFIX_FORMATS.get(_suffix(loc.path))
+    if fmt is None:
+        raise InputError(f"{loc.uri}: unknown input format; use --input-format parquet|csv|tsv|jsonl|txt")
+    return fmt
+
+
+def _read_bytes(loc: Location) -> bytes:
+    with loc.fs.open_input_stream(loc.path) as f:
+        return f.read()
+
+
+@functools.lru_cache(maxsize=4)
+def _read_text_table(uri: str, fmt: str, has_header: bool) -> pa.Table:
+    """Parse a whole text-format file (cached per process: shards of one file share the parse)."""
+    loc = locate(uri)
+    data = _read_bytes(loc)
+    if fmt == "txt":
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        urls = [ln.strip() for ln in lines if ln.strip()]
+        return pa.table({"url": pa.array(urls, pa.string())})
+    if fmt == "jsonl":
+        rows = []
+        for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{uri}: line {i + 1} is not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{uri}: line {i + 1} is not a JSON object")
+            rows.append(obj)
+        if not rows:
+            return pa.table({})
+        try:
+            return pa.Table.from_pylist(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # heterogeneous value types across lines: fall back to strings
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            return pa.table({k: pa.array([None if r.get(k) is None else str(r.get(k)) for r in rows], pa.string())
+                             for k in keys})
+    delim = "\t" if fmt == "tsv" else ","
+    parse = pacsv.ParseOptions(delimiter=delim, quote_char=False if fmt == "tsv" else '"',
+                               newlines_in_values=fmt == "csv")
+    read = pacsv.ReadOptions(autogenerate_column_names=not has_header, block_size=1 << 24)
+    conv = pacsv.ConvertOptions(strings_can_be_null=False, quoted_strings_can_be_null=False)
+    try:
+        table = pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=conv)
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{uri}: cannot parse as {fmt.upper()}: {e}. If it is a plain URL list, name it .txt "
+                         f"or pass --input-format txt") from None
+    if not has_header:
+        names = ["url", "caption"] + [f"col{i}" for i in range(2, table.num_columns)]
+        table = table.rename_columns(names[: table.num_columns])
+    # all text columns as strings, so every shard has the same types
+    return pa.table({n: table.column(n).cast(pa.string()) for n in table.column_names})
+
+
+def _text_has_header(loc: Location, fmt: str, want_header: bool) -> bool:
+    """CSV/TSV: honour ``csv_header`` unless the first field of line 1 is itself a URL."""
+    if fmt not in ("csv", "tsv"):
+        return True
+    with loc.fs.open_input_stream(loc.path) as f:
+        head = f.read(4096).decode("utf-8", errors="replace")
+    first = head.splitlines()[0] if head else ""
+    first_field = first.split("\t" if fmt == "tsv" else ",")[0].strip().strip('"').lower()
+    if first_field.startswith(("http://", "https://")):
+        return False
+    return want_header
+
+
+def _schema_of(loc: Location, fmt: str, has_header: bool) -> tuple[pa.Schema, int]:
+    if fmt == "parquet":
+        with loc.fs.open_input_file(loc.path) as f:
+            head = f.read(len(LFS_POINTER_PREFIX))
+            if head.startswith(LFS_POINTER_PREFIX):
+                raise InputError(f"{loc.uri} is a Git-LFS pointer, not a Parquet file: run `git lfs pull` "
+                                 f"in its repository (or download the real file) and rerun")
+            f.seek(0)
+            try:
+                meta = pq.ParquetFile(f).metadata
+                schema = pq.ParquetFile(f).schema_arrow
+            except (pa.ArrowInvalid, OSError) as e:
+                raise InputError(f"{loc.uri} is not a readable Parquet file ({e}); check that it was fully "
+                                 f"copied, or remove it from the input") from None
+        return schema, meta.num_rows
+    table = _read_text_table(loc.uri, fmt, has_header)
+    return table.schema, table.num_rows
+
+
+def _find_column(names: list[str], wanted: str | None, aliases: tuple[str, ...]) -> str | None:
+    lower = {n.lower(): n for n in names}
+    if wanted:
+        return wanted if wanted in names else lower.get(wanted.lower())
+    for a in aliases:
+        if a in lower:
+            return lower[a]
+    return None
+
+
+def inspect_inputs(inputs: list[str], cfg: InputConfig) -> list[InputFile]:
+    """Find, open and check every input file before any work starts.
+
+    Returns:
+        One :class:`InputFile` per file, in key order.
+
+    Raises:
+        InputError: a file is missing, unreadable (corrupt Parquet, Git-LFS pointer), lacks the URL
+            column (the message names the file, its columns and ``--url-col``), lacks an explicitly
+            requested caption or ``--keep-columns`` column, or has a column type that conflicts with
+            another file's.
+    """
+    files = discover(inputs, cfg.input_format)
+    out: list[InputFile] = []
+    for idx, loc in enumerate(files):
+        fmt = detect_format(loc, cfg.input_format)
+        has_header = _text_has_header(loc, fmt, cfg.csv_header)
+        schema, num_rows = _schema_of(loc, fmt, has_header)
+        names = [n for n in schema.names if n not in DROPPED_INPUT_COLUMNS]
+        url_col = _find_column(names, cfg.url_col, URL_ALIASES)
+        if url_col is None:
+            flag = f"--url-col {cfg.url_col!r} was not found" if cfg.url_col else "no URL column found"
+            raise InputError(f"{loc.uri}: {flag}. Its columns are: {', '.join(names) or '(none)'}. "
+                             f"Name the URL column with --url-col NAME (and the caption with --caption-col NAME).")
+        caption_col = _find_column(names, cfg.caption_col, CAPTION_ALIASES)
+        if cfg.caption_col and caption_col is None:
+            raise InputError(f"{loc.uri}: --caption-col {cfg.caption_col!r} was not found. Its columns are: "
+                             f"{', '.join(names)}.")
+        others = [n for n in names if n not in (url_col, caption_col)]
+        if cfg.keep_columns is not None:
+            missing = [c for c in cfg.keep_columns if c not in others]
+            if missing:
+                raise InputError(f"{loc.uri}: --keep-columns names {missing} which the file does not have. "
+                                 f"Its other columns are: {', '.join(others) or '(none)'}.")
+            others = [n for n in others if n in cfg.keep_columns]
+        passthrough = tuple(
+            (n, f"{n}_input" if n in CONTRACT_COLUMNS or n.startswith("_") else n, schema.field(n).type)
+            for n in others)
+        out.append(InputFile(idx, loc.uri, fmt, num_rows, url_col, caption_col, passthrough, has_header))
+    return out
+
+
+def passthrough_fields(files: list[InputFile]) -> list[pa.Field]:
+    """The union of pass-through columns over all files (first-seen order), with one type each.
+
+    Raises:
+        InputError: a column has incompatible types in two files.
+    """
+    seen: dict[str, tuple[pa.DataType, str]] = {}
+    for f in files:
+        for _src, name, typ in f.passthrough:
+            if name not in seen:
+                seen[name] = (typ, f.uri)
+                continue
+            prev, where = seen[name]
+            if prev == typ:
+                continue
+            try:
+                unified = pa.unify_schemas([pa.schema([(name, prev)]), pa.schema([(name, typ)])],
+                                           promote_options="permissive").field(name).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                raise InputError(f"column {name!r} is {prev} in {where} but {typ} in {f.uri}; make the "
+                                 f"files agree or drop it with --keep-columns") from None
+            seen[name] = (unified, where)
+    return [pa.field(n, t) for n, (t, _) in seen.items()]
+
+
+def _clean_strings(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A string column as valid UTF-8 (invalid bytes become U+FFFD instead of crashing later)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        return pc.cast(arr, pa.string()) if not pa.types.is_binary(arr.type) else _decode_binary(arr)
+    try:
+        arr.validate(full=True)
+        return arr.cast(pa.string())
+    except pa.ArrowInvalid:
+        return _decode_binary(arr.view(pa.binary()) if arr.type == pa.string() else arr.cast(pa.large_binary()))
+
+
+def _decode_binary(arr: pa.Array) -> pa.Array:
+    return pa.array([None if v is None else v.decode("utf-8", errors="replace") for v in arr.to_pylist()],
+                    pa.string())
+
+
+def read_rows(f: InputFile, start: int, stop: int, skip: frozenset[int] = frozenset()) -> pa.Table:
+    """Read rows ``[start, stop)`` of one input file as the pipeline's first table.
+
+    Returns:
+        Columns ``key``, ``url``, ``caption`` (string; null when the file has no caption column),
+        the pass-through columns, and internal ``_row`` (int64 row index in the file). Rows whose
+        index is in ``skip`` (already written by an earlier run) are left out.
+
+    Raises:
+        InputError: the file changed since it was inspected (fewer rows than planned).
+    """
+    loc = locate(f.uri)
+    if f.format == "parquet":
+        pfile = pq.ParquetFile(loc.fs.open_input_file(loc.path))
+        cols = [f.url_col] + ([f.caption_col] if f.caption_col else []) + [s for s, _, _ in f.passthrough]
+        pieces, offset = [], 0
+        for rg in range(pfile.num_row_groups):
+            n = pfile.metadata.row_group(rg).num_rows
+            if offset + n > start and offset < stop:
+                t = pfile.read_row_group(rg, columns=cols)
+                lo, hi = max(start - offset, 0), min(stop - offset, n)
+                pieces.append(t.slice(lo, hi - lo))
+            offset += n
+        table = pa.concat_tables(pieces) if pieces else pa.table({c: pa.array([], pa.string()) for c in cols})
+    else:
+        table = _read_text_table(f.uri, f.format, f.has_header).slice(start, stop - start)
+    if table.num_rows != stop - start:
+        raise InputError(f"{f.uri} has changed since the run started (expected rows {start}..{stop - 1}); "
+                         f"rerun with the final file")
+    rows = pa.array(range(start, stop), pa.int64())
+    out = {
+        "key": pa.array([f"{f.index:04d}_{r:09d}" for r in range(start, stop)], pa.string()),
+        "url": _clean_strings(table.column(f.url_col)),
+        "caption": (_clean_strings(table.column(f.caption_col)) if f.caption_col
+                    else pa.nulls(table.num_rows, pa.string())),
+    }
+    for src, name, _typ in f.passthrough:
+        col = table.column(src)
+        out[name] = _clean_strings(col) if pa.types.is_string(col.type) else col
+    out["_row"] = rows
+    result = pa.table(out)
+    if skip:
+        mask = pa.array([r not in skip for r in range(start, stop)])
+        result = result.filter(mask)
+    return result
+
+
+def key_to_position(key: str) -> tuple[int, int]:
+    """Inverse of the key format: ``"0003_000000042" -> (3, 42)`` (file index, row index)."""
+    a, b = key.split("_", 1)
+    return int(a), int(b)

@@ -1,0 +1,85 @@
+"""Select: the CapFilt decision, from stored scores only (no model, cheap, re-runnable).
+
+BLIP §3.3: the filter removes every text, web or synthetic, whose ITM head predicts "unmatched"
+(match probability < 0.5). BLIP-2 §3.4: rank the web caption and the synthetic captions by CLIP
+image-text similarity and keep the top two. Both are :class:`capfilt.config.SelectConfig` settings;
+``capfilt run --pipeline refilter`` re-runs only this stage on an existing output.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pyarrow as pa
+
+from capfilt.config import SelectConfig
+from capfilt.schema import (DROP_BELOW_THRESHOLD, DROP_NO_CANDIDATES, DROP_NOT_DOWNLOADED, SOURCE_SYNTHETIC,
+                            SOURCE_WEB, SUCCESS)
+from capfilt.stages.base import Stage, set_column
+
+
+def _col(batch: pa.Table, name: str) -> list:
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+
+class SelectStage(Stage):
+    """Apply thresholds and ranking to the scored candidates of each row.
+
+    Input columns: ``status``, ``caption``, ``synthetic_captions`` and, for each scorer ``s``,
+    ``web_<s>`` / ``synthetic_<s>``. Output columns (schema.SELECT_FIELDS): ``captions`` (kept
+    texts, best first by ``rank_by``), ``caption_scores`` (their ``rank_by`` scores, float32),
+    ``caption_sources`` (``web`` | ``synthetic``), ``keep`` (at least one text kept) and
+    ``drop_reason`` (``not_downloaded`` | ``below_threshold`` | ``no_candidates``, null if kept).
+    Rows that did not succeed get null lists and ``keep = False``.
+
+    A candidate whose needed score is null (never computed) does not pass a threshold on it.
+    With no threshold set and no ``rank_by`` column (the ``download`` recipe), the web caption is
+    kept as is with a null score.
+    """
+
+    name: ClassVar[str] = "select"
+
+    def __init__(self, cfg: SelectConfig):
+        self.cfg = cfg
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cfg = self.cfg
+        thresholds = cfg.thresholds()
+        score_names = sorted(set(thresholds) | {cfg.rank_by})
+        status = _col(batch, "status")
+        web = _col(batch, "caption")
+        synth = _col(batch, "synthetic_captions")
+        web_scores = {s: _col(batch, f"web_{s}") for s in score_names}
+        syn_scores = {s: _col(batch, f"synthetic_{s}") for s in score_names}
+        captions, scores, sources, keep, reasons = [], [], [], [], []
+        for i in range(batch.num_rows):
+            if status[i] != SUCCESS:
+                captions.append(None), scores.append(None), sources.append(None)
+                keep.append(False), reasons.append(DROP_NOT_DOWNLOADED)
+                continue
+            cands: list[tuple[str, str, dict[str, float | None]]] = []
+            if cfg.include_web and web[i] is not None and web[i].strip():
+                cands.append((web[i], SOURCE_WEB, {s: web_scores[s][i] for s in score_names}))
+            if cfg.include_synthetic and synth[i]:
+                for j, text in enumerate(synth[i]):
+                    cands.append((text, SOURCE_SYNTHETIC,
+                                  {s: (syn_scores[s][i][j] if syn_scores[s][i] is not None else None)
+                                   for s in score_names}))
+            passed = [c for c in cands
+                      if all(c[2][s] is not None and c[2][s] >= t for s, t in thresholds.items())]
+            # stable sort: ties keep candidate order (web first, then generation order)
+            passed.sort(key=lambda c: -(c[2][cfg.rank_by] if c[2][cfg.rank_by] is not None else float("-inf")))
+            if cfg.top_k is not None:
+                passed = passed[: cfg.top_k]
+            captions.append([c[0] for c in passed])
+            scores.append([c[2][cfg.rank_by] for c in passed])
+            sources.append([c[1] for c in passed])
+            keep.append(bool(passed))
+            reasons.append(None if passed else (DROP_BELOW_THRESHOLD if cands else DROP_NO_CANDIDATES))
+        out = batch
+        out = set_column(out, "captions", pa.array(captions, pa.list_(pa.string())))
+        out = set_column(out, "caption_scores", pa.array(scores, pa.list_(pa.float32())))
+        out = set_column(out, "caption_sources", pa.array(sources, pa.list_(pa.string())))
+        out = set_column(out, "keep", pa.array(keep, pa.bool_()))
+        out = set_column(out, "drop_reason", pa.array(reasons, pa.string()))
+        return out
