@@ -1,0 +1,101 @@
+"""Input discovery and reading on the real sample files (tests/fixtures/meta)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.config import InputConfig
+from capfilt.errors import InputError
+from capfilt.io.reader import inspect_inputs, key_to_position, passthrough_fields, read_rows
+
+
+def test_laion_parquet_columns_found_case_insensitively(fixtures):
+    (f,) = inspect_inputs([str(fixtures / "meta/test_1000.parquet")], InputConfig())
+    assert (f.url_col, f.caption_col, f.num_rows, f.format) == ("URL", "TEXT", 1000, "parquet")
+    assert f.passthrough == ()  # pandas' __index_level_0__ is dropped
+    t = read_rows(f, 0, 1000)
+    assert t.column_names == ["key", "url", "caption", "_row"]
+    assert t.column("key").to_pylist()[:2] == ["0000_000000000", "0000_000000001"]
+    src = pq.read_table(fixtures / "meta/test_1000.parquet")
+    assert t.column("url").to_pylist() == src.column("URL").to_pylist()
+    assert t.column("caption").to_pylist() == src.column("TEXT").to_pylist()
+
+
+def test_txt_url_list_keeps_commas(fixtures):
+    (f,) = inspect_inputs([str(fixtures / "meta/test_10000.txt")], InputConfig())
+    assert f.format == "txt" and f.num_rows == 10000 and f.caption_col is None
+    urls = read_rows(f, 0, 10000).column("url").to_pylist()
+    assert sum("," in u for u in urls) == 267  # no delimiter parsing (INSPECTION.md)
+    assert "UNLIKELY" in urls
+
+
+def test_slices_and_skip(fixtures):
+    (f,) = inspect_inputs([str(fixtures / "meta/test_10000.parquet")], InputConfig())
+    t = read_rows(f, 4670, 4680, frozenset({4671, 4672}))
+    assert t.num_rows == 8
+    assert t.column("_row").to_pylist() == [4670, 4673, 4674, 4675, 4676, 4677, 4678, 4679]
+    row = t.to_pylist()[2]
+    assert (row["url"], row["caption"]) == ("UNLIKELY", "0.32893747091293335")
+    assert key_to_position(row["key"]) == (0, 4674)
+
+
+def test_csv_tsv_jsonl_with_and_without_header(tmp_path):
+    (tmp_path / "a.csv").write_text('url,caption,extra\n"http://x/a,b.jpg",hello,1\nhttp://x/c.jpg,"q, r",2\n')
+    (tmp_path / "b.tsv").write_text("http://x/d.jpg\tcap\twith \"quote\nhttp://x/e.jpg\tcap2\tz\n")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"URL": "http://x/f.jpg", "TEXT": "t"}) + "\n\n")
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / ".hidden.csv").write_text("junk")
+    (tmp_path / "part.crc").write_text("junk")
+    files = inspect_inputs([str(tmp_path)], InputConfig())
+    assert [f.uri.rsplit("/", 1)[-1] for f in files] == ["a.csv", "b.tsv", "c.jsonl"]
+    a, b, c = (read_rows(f, 0, f.num_rows) for f in files)
+    assert a.column("url").to_pylist() == ["http://x/a,b.jpg", "http://x/c.jpg"]
+    assert a.column("caption").to_pylist() == ["hello", "q, r"]
+    assert a.column("extra").to_pylist() == ["1", "2"]
+    assert b.column("url").to_pylist() == ["http://x/d.jpg", "http://x/e.jpg"]  # no header detected
+    assert c.column("caption").to_pylist() == ["t"]
+    # keys are unique across files: file index prefix
+    keys = a.column("key").to_pylist() + b.column("key").to_pylist() + c.column("key").to_pylist()
+    assert len(set(keys)) == 5 and keys[2].startswith("0001_")
+
+
+def test_missing_url_column_names_file_columns_and_flag(fixtures):
+    with pytest.raises(InputError) as e:
+        inspect_inputs([str(fixtures / "meta/invalid_utf8.parquet")], InputConfig())
+    msg = str(e.value)
+    assert "invalid_utf8.parquet" in msg and "invalid_string" in msg and "--url-col" in msg
+
+
+def test_invalid_utf8_is_replaced_not_crashing(fixtures):
+    (f,) = inspect_inputs([str(fixtures / "meta/invalid_utf8.parquet")], InputConfig(url_col="invalid_string"))
+    assert read_rows(f, 0, 1).column("url").to_pylist() == ["\ufffd\ufffd\ufffd"]
+
+
+def test_unreadable_and_lfs_pointer_parquet(tmp_path, fixtures):
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match="broken.parquet is not a readable Parquet file"):
+        inspect_inputs([str(tmp_path / "broken.parquet")], InputConfig())
+    lfs = tmp_path / "lfs.parquet"
+    lfs.write_bytes((fixtures / "tricky/lfs_pointer_1000268201_693b08cb0e.jpg").read_bytes())
+    with pytest.raises(InputError, match="Git-LFS pointer"):
+        inspect_inputs([str(lfs)], InputConfig())
+    with pytest.raises(InputError, match="does not exist"):
+        inspect_inputs([str(tmp_path / "nope.parquet")], InputConfig())
+
+
+def test_passthrough_and_collisions(tmp_path):
+    pq.write_table(pa.table({"url": ["u"], "txt": ["c"], "status": ["x"], "WIDTH": [3]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"url": ["u"], "txt": ["c"], "status": ["y"], "WIDTH": [None]}, ), tmp_path / "b.parquet")
+    files = inspect_inputs([str(tmp_path)], InputConfig())
+    fields = passthrough_fields(files)
+    assert [f.name for f in fields] == ["status_input", "WIDTH"]
+    row = read_rows(files[0], 0, 1).to_pylist()[0]
+    assert row["status_input"] == "x" and row["WIDTH"] == 3 and row["caption"] == "c"
+    only = inspect_inputs([str(tmp_path)], InputConfig(keep_columns=["WIDTH"]))
+    assert [n for _, n, _ in only[0].passthrough] == ["WIDTH"]
+    with pytest.raises(InputError, match="--keep-columns"):
+        inspect_inputs([str(tmp_path)], InputConfig(keep_columns=["nope"]))
