@@ -1,0 +1,538 @@
+"""Fetch one URL safely: scheme, address, redirect, size and time limits (img2dataset semantics, hardened).
+
+Why not img2dataset's ``download_image``: it reads the whole body with no size bound, has only a
+per-socket timeout (a server that trickles one byte every half second never ends), and lets
+urllib follow redirects with no address check (a public URL redirecting to
+``http://169.254.169.254/`` reaches the cloud metadata endpoint). capfilt keeps img2dataset's
+*semantics* and reuses its code where it is safe to: :func:`img2dataset.downloader.is_disallowed`
+decides the ``X-Robots-Tag`` opt-out and the User-Agent string has img2dataset's format
+(``... (compatible; <token>; +https://github.com/rom1504/img2dataset)``). The transport is urllib3
+(one connection per request, as img2dataset opens one urllib request per image).
+
+What one :func:`fetch` call guarantees:
+
+- **Schemes**: ``http`` and ``https`` only; ``file://`` only with ``allow_file_urls``; anything
+  else (``ftp:``, ``javascript:``, ``data:``, a bare word, ``''``, ``None``) is ``invalid_url``.
+  The URL is cleaned first (:func:`normalize_url`): surrounding whitespace stripped, spaces and
+  non-ASCII characters percent-encoded (real LAION URLs contain literal spaces and ``©``), IDN
+  hosts IDNA-encoded, existing escapes and HTML entities such as ``&amp;`` left as they are.
+- **Addresses**: the host is resolved with :func:`socket.getaddrinfo` and refused with
+  ``blocked_address`` when *any* of its addresses is loopback, private, link-local, multicast,
+  reserved, unspecified or otherwise not globally routable (IPv4-mapped IPv6 addresses are
+  checked as their IPv4 address) unless ``allow_private_network``. The check happens before any
+  connection is made, and again for every redirect hop (redirects are followed by hand, at most
+  ``max_redirects``).
+- **No DNS rebinding**: the TCP connection goes to the IP address that was checked, not to the
+  host name (the ``Host`` header, TLS SNI and certificate host name check still use the name),
+  so DNS cannot answer differently between the check and the connect.
+- **Time**: one deadline of ``timeout`` seconds per try covers connect, request, headers and
+  body. A watchdog shuts the socket down at the deadline, so a trickling or never-ending
+  response is cut off on time. Not covered: the system resolver (``getaddrinfo`` cannot be
+  interrupted; it is bounded by the resolver's own timeout, see ``resolv.conf``).
+- **Size**: a ``Content-Length`` above ``max_bytes`` is refused before reading; otherwise the
+  body is read in chunks and refused (``too_large``) as soon as it passes ``max_bytes``. A
+  0-byte body is ``failed_to_download``. ``Accept-Encoding: identity`` is sent; a body that
+  still arrives compressed is decoded chunk by chunk, so the cap applies to decoded bytes.
+- **Retries**: ``retries`` extra tries, only for transient failures (timeouts, connection
+  errors, HTTP 408/425/429/5xx); never for 4xx, blocked or invalid URLs, opt-outs or size limits.
+
+Environment proxies (``HTTP_PROXY``) are not used: a proxy would make the address check moot.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+from urllib.request import url2pathname
+
+from capfilt import schema
+from capfilt.io._img2dataset import preload
+
+#: Statuses after which another try could succeed.
+_TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+_REDIRECT_CODES = {301, 302, 303, 307, 308}
+_CHUNK = 64 * 1024
+# Characters left as they are when percent-encoding a URL: RFC 3986 reserved + unreserved + '%'.
+_SAFE_URL_CHARS = "%:/?#[]@!$&'()*+,;=-._~"
+
+BROWSER_UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+
+
+def user_agent(token: str | None) -> str:
+    """The User-Agent header, in img2dataset's format (``downloader.download_image``).
+
+    Args:
+        token: the crawler's user-agent token (``DownloadConfig.user_agent_token``), or ``None``.
+
+    Returns:
+        ``"<browser UA> (compatible; <token>; +https://github.com/rom1504/img2dataset)"``, or the
+        browser UA alone when ``token`` is empty.
+    """
+    if token:
+        return f"{BROWSER_UA} (compatible; {token}; +https://github.com/rom1504/img2dataset)"
+    return BROWSER_UA
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """The outcome of one :func:`fetch`.
+
+    Attributes:
+        status: ``success`` or one of ``failed_to_download``, ``too_large``, ``opted_out``,
+            ``invalid_url``, ``blocked_address`` (see :data:`capfilt.schema.STATUSES`).
+        error_message: a short readable reason, ``None`` on success.
+        data: the response body (``bytes``, 1..max_bytes long) on success, else ``None``.
+        content_type: the final response's ``Content-Type`` header, if any.
+        final_url: the URL the body came from (after redirects), if a request was made.
+        tries: how many tries were made (0 when the URL was refused before connecting).
+    """
+
+    status: str
+    error_message: str | None = None
+    data: bytes | None = None
+    content_type: str | None = None
+    final_url: str | None = None
+    tries: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when ``status`` is ``success``."""
+        return self.status == schema.SUCCESS
+
+
+class FetchFailure(Exception):
+    """A fetch ended with a non-success status (internal; turned into a :class:`FetchResult`)."""
+
+    def __init__(self, status: str, message: str, transient: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.transient = transient
+
+
+# ---------------------------------------------------------------------------------------------
+# URL cleaning
+# ---------------------------------------------------------------------------------------------
+def normalize_url(url: object, allow_file_urls: bool = False) -> str:
+    """Clean a raw URL from metadata into one that can be requested.
+
+    Strips surrounding whitespace, lower-cases the scheme, IDNA-encodes a non-ASCII host,
+    percent-encodes spaces and non-ASCII characters (as UTF-8) in path, query and userinfo, and
+    drops the fragment. Existing ``%XX`` escapes and ``&amp;`` are left unchanged (the server sees
+    what the page author wrote).
+
+    Args:
+        url: the value from the ``url`` column (any type; only a non-empty ``str`` can pass).
+        allow_file_urls: accept ``file://`` URLs (``DownloadConfig.allow_file_urls``).
+
+    Returns:
+        The cleaned URL, e.g. ``"http://a.b/x%20y%C2%A9.jpg?a=1&amp;b=2"``.
+
+    Raises:
+        FetchFailure: with status ``invalid_url`` if ``url`` is not a string, empty, has no
+            ``scheme://host``, has an unsupported scheme or an invalid port/host.
+    """
+    if not isinstance(url, str):
+        raise FetchFailure(schema.INVALID_URL, "no URL" if url is None else f"URL is not a string ({type(url).__name__})")
+    raw = url.strip()
+    if not raw:
+        raise FetchFailure(schema.INVALID_URL, "empty URL")
+    if any(c in raw for c in "\r\n\t\0"):
+        raw = "".join(c for c in raw if c not in "\r\n\t\0")
+    try:
+        parts = urlsplit(raw)
+    except ValueError as e:
+        raise FetchFailure(schema.INVALID_URL, f"malformed URL ({e})") from None
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if not allow_file_urls:
+            raise FetchFailure(schema.INVALID_URL, "file:// URLs are not allowed (allow_file_urls is off)")
+        if parts.netloc not in ("", "localhost"):
+            raise FetchFailure(schema.INVALID_URL, f"file:// URL names a remote host {parts.netloc!r}")
+        return urlunsplit(("file", "", quote(parts.path, safe=_SAFE_URL_CHARS), "", ""))
+    if scheme not in ("http", "https"):
+        shown = _shorten(raw, 40)
+        if not scheme or not parts.netloc and ":" not in raw:
+            raise FetchFailure(schema.INVALID_URL, f"not a URL: {shown!r}")
+        raise FetchFailure(schema.INVALID_URL, f"unsupported scheme {scheme}: (only http/https)")
+    if not parts.netloc:
+        raise FetchFailure(schema.INVALID_URL, f"URL has no host: {_shorten(raw, 40)!r}")
+    try:
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError as e:
+        raise FetchFailure(schema.INVALID_URL, f"malformed host or port ({e})") from None
+    if not host:
+        raise FetchFailure(schema.INVALID_URL, f"URL has no host: {_shorten(raw, 40)!r}")
+    host = _encode_host(host)
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        netloc = quote(userinfo, safe=_SAFE_URL_CHARS) + "@" + netloc
+    path = quote(parts.path, safe=_SAFE_URL_CHARS) or "/"
+    query = quote(parts.query, safe=_SAFE_URL_CHARS)
+    return urlunsplit((scheme, netloc, path, query, ""))
+
+
+def _encode_host(host: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        host.encode("ascii")
+        ascii_host = host
+    except UnicodeEncodeError:
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise FetchFailure(schema.INVALID_URL, f"invalid host name {host!r}") from None
+    if not all(c.isalnum() or c in "-._" for c in ascii_host):
+        raise FetchFailure(schema.INVALID_URL, f"invalid host name {_shorten(host, 40)!r}")
+    return ascii_host.lower()
+
+
+def _shorten(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# address check
+# ---------------------------------------------------------------------------------------------
+def address_block_reason(address: str) -> str | None:
+    """Why an IP address must not be contacted, or ``None`` when it is globally routable.
+
+    IPv4-mapped IPv6 addresses (``::ffff:10.0.0.1``) are judged as their IPv4 address.
+
+    Args:
+        address: an IPv4 or IPv6 address as text (an IPv6 zone ``%eth0`` is ignored).
+
+    Returns:
+        ``"loopback"``, ``"link-local"``, ``"multicast"``, ``"unspecified"``, ``"private"``,
+        ``"reserved"`` or ``"non-global"``; ``None`` if the address may be contacted.
+
+    Raises:
+        ValueError: if ``address`` is not an IP address.
+    """
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_private:
+        return "private"
+    if ip.is_reserved:
+        return "reserved"
+    if not ip.is_global:
+        return "non-global"
+    return None
+
+
+def resolve_host(host: str, port: int, allow_private_network: bool = False) -> str:
+    """Resolve ``host`` and return the address to connect to, refusing non-public addresses.
+
+    Every address the resolver returns is checked (a name that resolves to one public and one
+    private address is refused), so a DNS answer cannot smuggle a private address in second place.
+
+    Args:
+        host: a host name or IP literal (IPv6 without brackets).
+        port: the TCP port (used only for the resolver call).
+        allow_private_network: skip the address check (``DownloadConfig.allow_private_network``).
+
+    Returns:
+        The first resolved IP address as text.
+
+    Raises:
+        FetchFailure: ``blocked_address`` for a refused address (message like
+            ``"host 10.0.0.1 is a private address"``), ``failed_to_download`` (transient) if the
+            name does not resolve.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OSError) as e:
+        raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"cannot resolve host {host} ({_oserror_text(e)})",
+                           transient=True) from None
+    addresses = [info[4][0] for info in infos]
+    if not addresses:
+        raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"cannot resolve host {host}", transient=True)
+    if not allow_private_network:
+        for addr in addresses:
+            reason = address_block_reason(addr)
+            if reason is not None:
+                shown = host if host == addr else f"{host} ({addr})"
+                raise FetchFailure(schema.BLOCKED_ADDRESS, f"host {shown} is a {reason} address")
+    return addresses[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the fetch
+# ---------------------------------------------------------------------------------------------
+class _HeaderView:
+    """Adapts urllib3's ``HTTPHeaderDict`` to the ``get_all`` API img2dataset's ``is_disallowed`` uses."""
+
+    def __init__(self, headers):
+        self._headers = headers
+
+    def get_all(self, name: str, default=None):
+        values = self._headers.getlist(name)
+        return values if values else default
+
+
+def is_opted_out(headers, user_agent_token: str | None, directives: list[str]) -> str | None:
+    """The ``X-Robots-Tag`` value that opts this response out, or ``None``.
+
+    Uses :func:`img2dataset.downloader.is_disallowed` (same token/directive rules: an
+    ``X-Robots-Tag: <token>: noai`` applies only to crawlers with that token).
+
+    Args:
+        headers: urllib3 ``HTTPHeaderDict`` of the response.
+        user_agent_token: this crawler's token (compared lower-cased).
+        directives: disallowed directives, e.g. ``["noai", "noimageai"]``.
+    """
+    if not directives:
+        return None
+    from capfilt.io._img2dataset import is_disallowed
+
+    token = None if user_agent_token is None else user_agent_token.strip().lower()
+    wanted = {d.strip().lower() for d in directives}
+    if is_disallowed(_HeaderView(headers), token, wanted):
+        return ", ".join(headers.getlist("X-Robots-Tag"))
+    return None
+
+
+def fetch(url: object, cfg, *, allow_private_network: bool | None = None) -> FetchResult:
+    """Download one URL within the limits of ``cfg`` (a :class:`capfilt.config.DownloadConfig`).
+
+    Args:
+        url: the raw URL (anything; non-strings and bad URLs give ``invalid_url``).
+        cfg: a ``DownloadConfig``: ``timeout`` (s per try), ``retries``, ``max_bytes``,
+            ``max_redirects``, ``user_agent_token``, ``disallowed_header_directives``,
+            ``allow_private_network``, ``allow_file_urls``.
+        allow_private_network: overrides ``cfg.allow_private_network`` when given.
+
+    Returns:
+        A :class:`FetchResult`; never raises for anything a URL or a server can do.
+    """
+    allow_private = cfg.allow_private_network if allow_private_network is None else allow_private_network
+    try:
+        clean = normalize_url(url, cfg.allow_file_urls)
+    except FetchFailure as f:
+        return FetchResult(f.status, f.message)
+    if clean.startswith("file:"):
+        return _fetch_file(clean, cfg.max_bytes)
+    if cfg.disallowed_header_directives:
+        preload()  # import img2dataset (~3 s, once) outside the request's deadline
+    last: FetchFailure | None = None
+    tries = 0
+    for _ in range(cfg.retries + 1):
+        tries += 1
+        try:
+            data, ctype, final = _fetch_once(clean, cfg, allow_private)
+            return FetchResult(schema.SUCCESS, None, data, ctype, final, tries)
+        except FetchFailure as f:
+            last = f
+            if not f.transient:
+                break
+    assert last is not None
+    return FetchResult(last.status, last.message, None, None, None, tries)
+
+
+def _fetch_file(url: str, max_bytes: int) -> FetchResult:
+    path = Path(url2pathname(urlsplit(url).path))
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            return FetchResult(schema.FAILED_TO_DOWNLOAD, f"not a file: {path}")
+        if size > max_bytes:
+            return FetchResult(schema.TOO_LARGE, f"file is {size:,} bytes, over the limit of {max_bytes:,}")
+        if size == 0:
+            return FetchResult(schema.FAILED_TO_DOWNLOAD, "empty file (0 bytes)")
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as e:
+        return FetchResult(schema.FAILED_TO_DOWNLOAD, f"cannot read {path}: {_oserror_text(e)}")
+    if len(data) > max_bytes:
+        return FetchResult(schema.TOO_LARGE, f"file is over the limit of {max_bytes:,} bytes")
+    return FetchResult(schema.SUCCESS, None, data, None, url, 1)
+
+
+def _fetch_once(url: str, cfg, allow_private: bool) -> tuple[bytes, str | None, str]:
+    """One try: follow up to ``max_redirects`` redirects, each hop address-checked; one deadline."""
+    deadline = time.monotonic() + cfg.timeout
+    seen = {url}
+    current = url
+    for _hop in range(cfg.max_redirects + 1):
+        result = _request(current, cfg, allow_private, deadline)
+        if isinstance(result, tuple):
+            return result
+        location = result
+        target = urljoin(current, location)
+        try:
+            target = normalize_url(target, allow_file_urls=False)
+        except FetchFailure as f:
+            raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"bad redirect target ({f.message})") from None
+        if target in seen:
+            raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"redirect loop ({_shorten(target, 80)})")
+        seen.add(target)
+        current = target
+    raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"more than {cfg.max_redirects} redirects")
+
+
+class _Watchdog:
+    """Shuts a connection's socket down at the deadline so any blocked read returns at once."""
+
+    def __init__(self, conn, seconds: float):
+        self.conn = conn
+        self.fired = False
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = getattr(self.conn, "sock", None)
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _request(url: str, cfg, allow_private: bool, deadline: float):
+    """One HTTP GET. Returns ``(body, content_type, url)`` or the ``Location`` of a redirect."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    ip = resolve_host(host, port, allow_private)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"timed out after {cfg.timeout:.1f} s", transient=True)
+    timeout = remaining  # per socket operation; the watchdog bounds the total
+    if https:
+        conn = HTTPSConnection(ip, port, timeout=timeout, server_hostname=host, assert_hostname=host,
+                               cert_reqs="CERT_REQUIRED")
+    else:
+        conn = HTTPConnection(ip, port, timeout=timeout)
+    host_header = f"[{host}]" if ":" in host else host
+    if parts.port is not None and parts.port != (443 if https else 80):
+        host_header += f":{parts.port}"
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    headers = {
+        "Host": host_header,
+        "User-Agent": user_agent(cfg.user_agent_token),
+        "Accept": "image/*,*/*;q=0.8",
+        "Accept-Encoding": "identity",
+        "Connection": "close",
+    }
+    watchdog = _Watchdog(conn, remaining)
+    try:
+        try:
+            conn.request("GET", target, headers=headers, preload_content=False, decode_content=True)
+            resp = conn.getresponse()
+        except Exception as e:  # noqa: BLE001 - every transport error is row data
+            raise _transport_failure(e, watchdog, cfg.timeout) from None
+        code = resp.status
+        if code in _REDIRECT_CODES:
+            location = resp.headers.get("Location")
+            if not location:
+                raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"HTTP {code} redirect without a Location")
+            return location
+        if not 200 <= code < 300:
+            raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"HTTP {code} {_reason(code, resp.reason)}".rstrip(),
+                               transient=code in _TRANSIENT_HTTP)
+        optout = is_opted_out(resp.headers, cfg.user_agent_token, cfg.disallowed_header_directives)
+        if optout is not None:
+            raise FetchFailure(schema.OPTED_OUT, f"X-Robots-Tag: {_shorten(optout, 80)}")
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.strip().isdigit() and int(length) > cfg.max_bytes:
+            raise FetchFailure(schema.TOO_LARGE, f"body is {int(length):,} bytes, over the limit of {cfg.max_bytes:,}")
+        body = _read_body(resp, cfg.max_bytes, watchdog, cfg.timeout)
+        if not body:
+            raise FetchFailure(schema.FAILED_TO_DOWNLOAD, "empty body (0 bytes)")
+        return body, resp.headers.get("Content-Type"), url
+    finally:
+        watchdog.cancel()
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
+
+
+def _read_body(resp, max_bytes: int, watchdog: _Watchdog, timeout: float) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        try:
+            chunk = resp.read1(_CHUNK)
+        except Exception as e:  # noqa: BLE001
+            raise _transport_failure(e, watchdog, timeout) from None
+        if watchdog.fired:
+            raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"timed out after {timeout:.1f} s", transient=True)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > max_bytes:
+            raise FetchFailure(schema.TOO_LARGE, f"body is over the limit of {max_bytes:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reason(code: int, reason: str | None) -> str:
+    if reason:
+        return reason
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return ""
+
+
+def _transport_failure(e: Exception, watchdog: _Watchdog, timeout: float) -> FetchFailure:
+    import ssl
+
+    from urllib3.exceptions import ProtocolError
+
+    if watchdog.fired or isinstance(e, (TimeoutError, socket.timeout)) or "timed out" in str(e).lower():
+        return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"timed out after {timeout:.1f} s", transient=True)
+    if isinstance(e, ssl.SSLError) or type(e).__name__.startswith("SSL") or "certificate" in str(e).lower():
+        return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"TLS error: {_shorten(_oserror_text(e), 100)}")
+    if isinstance(e, ConnectionRefusedError):
+        return FetchFailure(schema.FAILED_TO_DOWNLOAD, "connection refused", transient=True)
+    if isinstance(e, (ConnectionError, ProtocolError, OSError)):
+        return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"connection error: {_shorten(_oserror_text(e), 100)}",
+                            transient=True)
+    return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"{type(e).__name__}: {_shorten(str(e), 100)}")
+
+
+def _oserror_text(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+__all__ = [
+    "FetchResult", "FetchFailure", "fetch", "normalize_url", "resolve_host", "address_block_reason",
+    "is_opted_out", "user_agent",
+]

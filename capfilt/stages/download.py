@@ -1,0 +1,108 @@
+"""The download stage: URL in, resized image bytes plus a per-row status out (img2dataset semantics).
+
+Each row's URL is fetched with :func:`capfilt.io.fetch.fetch` (scheme, address, redirect, size and
+time limits; ``X-Robots-Tag`` opt-out with img2dataset's rule) and the body is turned into the
+stored image by :class:`capfilt.io.imaging.ImageProcessor` (Pillow safety front end +
+img2dataset's ``Resizer``). Rows run on ``thread_count`` threads inside one call, as img2dataset's
+downloader runs a thread pool per shard. Every failure is row data: ``status`` +
+``error_message``; the call itself only raises on programming errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar
+
+import pyarrow as pa
+
+from capfilt import schema
+from capfilt.config import DownloadConfig
+from capfilt.io.fetch import fetch
+from capfilt.io.imaging import ImageProcessor, ImageResult
+from capfilt.stages.base import Stage, set_column
+
+
+class DownloadStage(Stage):
+    """Download and resize the image of every row.
+
+    Args:
+        cfg: the recipe's ``download`` section (:class:`capfilt.config.DownloadConfig`).
+
+    ``__call__(batch)`` takes a ``pyarrow.Table`` with ``url`` (string, may be null or garbage)
+    and returns the same rows in the same order with :data:`capfilt.schema.DOWNLOAD_FIELDS`
+    added (``status``, ``error_message``, ``image`` (binary, ``encode_format``), ``width``,
+    ``height``, ``original_width``, ``original_height`` (int32 pixels), ``sha256`` (hex digest of
+    the stored ``image`` bytes)) plus the internal ``_seconds_download`` (float64: the batch's
+    wall seconds divided by its row count). A row whose ``status`` column already holds a
+    non-success status is left as it is (not fetched).
+
+    Raises:
+        KeyError: if the batch has no ``url`` column.
+    """
+
+    name: ClassVar[str] = "download"
+    uses_model: ClassVar[bool] = False
+
+    def __init__(self, cfg: DownloadConfig):
+        self.cfg = cfg
+        self._processor = ImageProcessor(cfg)
+
+    def setup(self) -> None:
+        """Import img2dataset and build its Resizer now (~3 s once per process) instead of in the first row."""
+        _ = self._processor.resizer
+
+    def process_url(self, url: object) -> ImageResult:
+        """Fetch and process one URL (thread-safe). Never raises for anything a URL/server can do."""
+        got = fetch(url, self.cfg)
+        if not got.ok:
+            return ImageResult(got.status, got.error_message)
+        return self._processor(got.data, got.content_type)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.setup()  # one-off imports stay out of the per-row timing
+        start = time.perf_counter()
+        n = batch.num_rows
+        urls = batch.column("url").to_pylist()
+        prior_status = batch.column("status").to_pylist() if "status" in batch.column_names else [None] * n
+        prior_message = (batch.column("error_message").to_pylist()
+                         if "error_message" in batch.column_names else [None] * n)
+        todo = [i for i in range(n) if prior_status[i] in (None, schema.SUCCESS)]
+        results: list[ImageResult | None] = [None] * n
+        if todo:
+            workers = max(1, min(self.cfg.thread_count, len(todo)))
+            if workers == 1:
+                for i in todo:
+                    results[i] = self._safe(urls[i])
+            else:
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capfilt-download") as pool:
+                    for i, res in zip(todo, pool.map(self._safe, [urls[i] for i in todo])):
+                        results[i] = res
+        status, message, image, width, height, ow, oh, digest = ([] for _ in range(8))
+        for i in range(n):
+            r = results[i]
+            if r is None:
+                r = ImageResult(prior_status[i], prior_message[i])
+            status.append(r.status)
+            message.append(r.error_message)
+            image.append(r.image)
+            width.append(r.width)
+            height.append(r.height)
+            ow.append(r.original_width)
+            oh.append(r.original_height)
+            digest.append(hashlib.sha256(r.image).hexdigest() if r.image is not None else None)
+        columns = dict(zip(
+            [f.name for f in schema.DOWNLOAD_FIELDS],
+            [status, message, image, width, height, ow, oh, digest]))
+        out = batch
+        for field in schema.DOWNLOAD_FIELDS:
+            out = set_column(out, field.name, pa.array(columns[field.name], type=field.type))
+        seconds = (time.perf_counter() - start) / n if n else 0.0
+        return set_column(out, "_seconds_download", pa.array([seconds] * n, type=pa.float64()))
+
+    def _safe(self, url: object) -> ImageResult:
+        try:
+            return self.process_url(url)
+        except Exception as e:  # noqa: BLE001 - a bug on one row must not lose the batch
+            return ImageResult(schema.FAILED_TO_DOWNLOAD, f"internal error: {type(e).__name__}: {e}"[:200])
