@@ -1,0 +1,165 @@
+"""The filter: BLIP's image-grounded text encoder (ITM head) and unimodal encoders (ITC), BLIP §3.1/§3.3.
+
+``BlipForImageTextRetrieval.forward`` scores one (image, text) pair per image row and recomputes
+the vision transformer for every pair. :class:`BlipScorer` encodes each image once, then scores
+all its candidate texts:
+
+- ITM: the text encoder with cross-attention to the image's patch embeddings (gathered per text
+  pair, not recomputed), ``itm_head`` on the text ``[CLS]``, softmax, probability of "match".
+- ITC: cosine of ``normalize(vision_proj(image [CLS]))`` and ``normalize(text_proj(text [CLS]))``
+  from the text encoder *without* cross-attention, as one row-wise dot product.
+
+Texts are tokenized as ``BlipProcessor`` does (``[CLS] text [SEP]``), padded to the longest text of
+the call and truncated to ``max_text_tokens`` (BLIP/LAVIS ``max_txt_len`` 35), so long web captions
+never crash. Results equal :func:`naive_scores` (one full model forward per pair) up to float error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from capfilt.config import ModelPreset, ModelSpec
+from capfilt.modeling.batching import chunks
+from capfilt.modeling.scores import ScoreResult
+
+#: Image-text pairs per text-encoder call (bounds activation memory for images with many texts).
+TEXT_CHUNK = 256
+
+
+class BlipScorer:
+    """ITM and ITC scores from a ``BlipForImageTextRetrieval`` (e.g. ``Salesforce/blip-itm-large-coco``).
+
+    Args:
+        model: ``BlipForImageTextRetrieval`` in eval mode, on its device.
+        processor: its ``BlipProcessor``.
+        scorers: which of ``itm`` / ``itc`` to compute (the other stays ``None`` in results).
+        max_text_tokens: texts are truncated to this many tokens, ``[CLS]``/``[SEP]`` included.
+    """
+
+    def __init__(self, model: Any, processor: Any, scorers: Sequence[str] = ("itm", "itc"),
+                 max_text_tokens: int = 35) -> None:
+        bad = set(scorers) - {"itm", "itc"}
+        if bad:
+            raise ValueError(f"BlipScorer computes itm and itc, not {sorted(bad)}")
+        self.model = model
+        self.processor = processor
+        self.scorers = tuple(scorers)
+        self.max_text_tokens = max_text_tokens
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, preset: ModelPreset, scorers: Sequence[str] = ("itm", "itc"),
+                  max_text_tokens: int = 35) -> "BlipScorer":
+        """Load the filter checkpoint named by ``spec`` (eager attention: BLIP has no SDPA path).
+
+        Raises:
+            ModelLoadError: the checkpoint or its processor cannot be loaded.
+        """
+        from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+        from capfilt.modeling.loading import load_pretrained, load_processor
+
+        model = load_pretrained(BlipForImageTextRetrieval, spec, preset, attn_implementation="eager")
+        return cls(model, load_processor(BlipProcessor, spec, preset), scorers, max_text_tokens)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[Any, Any]:
+        """``(input_ids, attention_mask)``: int64 ``(T, L)``, padded to the longest, ``L <= max_text_tokens``."""
+        enc = self.processor.tokenizer(list(texts), padding="longest", truncation=True,
+                                       max_length=self.max_text_tokens, return_tensors="pt")
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    def encode_images(self, images: Sequence[Any]) -> Any:
+        """Vision transformer once per image: ``float (B, 1 + patches, D_vision)`` patch embeddings."""
+        pv = self.processor.image_processor(images=list(images), return_tensors="pt").pixel_values
+        return self.model.vision_model(pixel_values=pv.to(self.device, self.dtype)).last_hidden_state
+
+    def score(self, images: Sequence[Any], texts: Sequence[Sequence[str]]) -> list[ScoreResult]:
+        """Score every text of ``texts[i]`` against ``images[i]``.
+
+        Args:
+            images: ``B`` PIL RGB images.
+            texts: ``B`` lists of candidate texts (``T_i`` each, may be empty).
+
+        Returns:
+            ``B`` :class:`ScoreResult` with float32 ``(T_i,)`` arrays for the configured scorers.
+
+        Raises:
+            ValueError: ``len(images) != len(texts)``.
+        """
+        import torch
+
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} text lists")
+        flat = [t for ts in texts for t in ts]
+        owner = torch.tensor([i for i, ts in enumerate(texts) for _ in ts], dtype=torch.long, device=self.device)
+        itm = np.zeros(len(flat), np.float32)
+        itc = np.zeros(len(flat), np.float32)
+        if flat:
+            with torch.inference_mode():
+                image_embeds = self.encode_images(images)  # (B, N, Dv)
+                ids, mask = self.tokenize(flat)  # (T, L)
+                if "itm" in self.scorers:
+                    itm = self._itm(image_embeds, owner, ids, mask)
+                if "itc" in self.scorers:
+                    itc = self._itc(image_embeds, owner, ids, mask)
+        out, start = [], 0
+        for ts in texts:
+            sl = slice(start, start + len(ts))
+            start += len(ts)
+            out.append(ScoreResult(itm=itm[sl].copy() if "itm" in self.scorers else None,
+                                   itc=itc[sl].copy() if "itc" in self.scorers else None))
+        return out
+
+    def _itm(self, image_embeds: Any, owner: Any, ids: Any, mask: Any) -> np.ndarray:
+        import torch
+
+        probs = []
+        for idx in chunks(range(ids.shape[0]), TEXT_CHUNK):
+            sel = torch.as_tensor(list(idx), device=self.device)
+            enc_states = image_embeds.index_select(0, owner[sel])  # (t, N, Dv) gathered, no recompute
+            enc_mask = torch.ones(enc_states.shape[:-1], dtype=torch.long, device=self.device)
+            hidden = self.model.text_encoder(input_ids=ids[sel], attention_mask=mask[sel],
+                                             encoder_hidden_states=enc_states,
+                                             encoder_attention_mask=enc_mask).last_hidden_state
+            logits = self.model.itm_head(hidden[:, 0, :]).float()  # (t, 2)
+            probs.append(torch.softmax(logits, dim=-1)[:, 1])
+        return torch.cat(probs).cpu().numpy().astype(np.float32)
+
+    def _itc(self, image_embeds: Any, owner: Any, ids: Any, mask: Any) -> np.ndarray:
+        import torch
+        from torch.nn.functional import normalize
+
+        image_feat = normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)  # (B, P)
+        sims = []
+        for idx in chunks(range(ids.shape[0]), TEXT_CHUNK):
+            sel = torch.as_tensor(list(idx), device=self.device)
+            hidden = self.model.text_encoder(input_ids=ids[sel], attention_mask=mask[sel]).last_hidden_state
+            text_feat = normalize(self.model.text_proj(hidden[:, 0, :]).float(), dim=-1)  # (t, P)
+            sims.append((image_feat.index_select(0, owner[sel]) * text_feat).sum(-1))
+        return torch.cat(sims).cpu().numpy().astype(np.float32)
+
+
+def naive_scores(model: Any, processor: Any, image: Any, text: str, max_text_tokens: int = 35) -> tuple[float, float]:
+    """Reference: one full ``BlipForImageTextRetrieval`` forward per (image, text) and head.
+
+    This is what the HF model card does (``model(**processor(images=image, text=text))``), run
+    twice: ``use_itm_head=True`` (ITM) and ``False`` (ITC). It recomputes the vision transformer
+    for every pair; used by the equivalence tests and ``benchmarks/bench_score.py``.
+
+    Returns:
+        ``(itm_probability, itc_cosine)`` as Python floats.
+    """
+    import torch
+
+    inputs = processor(images=image, text=text, return_tensors="pt", truncation=True, max_length=max_text_tokens)
+    param = next(model.parameters())
+    inputs = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
+              for k, v in inputs.items()}
+    with torch.inference_mode():
+        itm_logits = model(**inputs, use_itm_head=True).itm_score  # (1, 2)
+        itc = model(**inputs, use_itm_head=False).itm_score  # (1, 1)
+    return float(torch.softmax(itm_logits.float(), dim=-1)[0, 1]), float(itc.float()[0, 0])

@@ -1,0 +1,246 @@
+"""Resolve, check and load the checkpoints named in a model preset (``models/*.yaml``).
+
+Every model wrapper loads through :func:`load_pretrained` / :func:`load_processor`, so id and
+revision pinning, device/dtype choice, offline behaviour and the error message for a missing model
+live in one place. :func:`preflight` checks, before any work starts, that every model a run
+needs can be loaded, without downloading anything and without hanging when there is no network.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capfilt.config import ModelPreset, ModelSpec
+from capfilt.errors import ModelLoadError
+
+#: Weight files ``from_pretrained`` accepts, in the order transformers looks for them.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+#: Seconds a Hub metadata probe may take in :func:`preflight` (no probe when offline).
+HUB_PROBE_TIMEOUT = 10.0
+#: Preset roles that hold a model.
+ROLES = ("captioner", "filter", "clip")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model comes from.
+
+    Attributes:
+        path: a local directory or a Hub repo id, as passed to ``from_pretrained``.
+        local_only: ``True`` when every file is on disk (a local folder or a fully cached Hub
+            repo); then ``from_pretrained`` is called with ``local_files_only=True`` and never
+            touches the network.
+    """
+
+    path: str
+    local_only: bool
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) asks for no network at all."""
+    truthy = {"1", "true", "yes", "on"}
+    return any(os.environ.get(v, "").strip().lower() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _looks_local(model_id: str) -> bool:
+    return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().exists()
+
+
+def _local_weights(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any((folder / w).is_file() for w in WEIGHT_FILES)
+
+
+def _hub_cached(repo_id: str, revision: str | None) -> bool:
+    """True when config.json and a weights file of ``repo_id@revision`` are in the HF cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(repo_id, name, revision=revision), str)
+        except ValueError:  # HFValidationError: not a valid repo id
+            return False
+
+    return cached("config.json") and any(cached(w) for w in WEIGHT_FILES)
+
+
+def how_to_provide(model_id: str) -> str:
+    """The one-paragraph advice appended to every :class:`ModelLoadError` about ``model_id``."""
+    return (f"To provide it: on a machine with internet run `huggingface-cli download {model_id}` and copy the "
+            f"Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME) to this machine; or save the model to a "
+            f"local directory, point `id:` at that directory in a preset YAML (copy one from models/) and pass "
+            f"`--models PATH.yaml`; or use `--models tiny` for an offline smoke test with random weights.")
+
+
+def resolve_model(spec: ModelSpec, preset: ModelPreset) -> str:
+    """The string to pass to ``from_pretrained`` for ``spec``.
+
+    ``builder: tiny`` presets: the folder ``<cache>/tiny-v1/<spec.id>``, built on first use by
+    :func:`capfilt.modeling.tiny.ensure_tiny_checkpoints`. Otherwise ``spec.id`` (a Hub id, or a
+    local directory with ``~`` expanded).
+
+    Raises:
+        ModelLoadError: a tiny preset names a model the tiny builder does not make.
+    """
+    return _resolve(spec, preset).path
+
+
+def _resolve(spec: ModelSpec, preset: ModelPreset) -> ResolvedModel:
+    if preset.builder == "tiny":
+        from capfilt.modeling.tiny import TINY_NAMES, ensure_tiny_checkpoints
+
+        if spec.id not in TINY_NAMES:
+            raise ModelLoadError(f"model preset {preset.name!r} uses the tiny builder, which makes "
+                                 f"{', '.join(TINY_NAMES)}; it has no model {spec.id!r}.")
+        return ResolvedModel(str(ensure_tiny_checkpoints() / spec.id), True)
+    if _looks_local(spec.id):
+        return ResolvedModel(str(Path(spec.id).expanduser()), True)
+    return ResolvedModel(spec.id, hub_offline() or _hub_cached(spec.id, spec.revision))
+
+
+def resolve_device_dtype(spec: ModelSpec) -> tuple[Any, Any]:
+    """Device and dtype for ``spec``.
+
+    ``device: auto`` is CUDA when available, else CPU. ``dtype: auto`` is ``torch.bfloat16`` on
+    CUDA and ``torch.float32`` on CPU (bf16 matmuls are ~8x slower than fp32 on CPUs without AMX).
+
+    Returns:
+        ``(torch.device, torch.dtype)``.
+
+    Raises:
+        ModelLoadError: ``device: cuda`` was asked for but CUDA is not available.
+    """
+    import torch
+
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model {spec.id!r} asks for device: cuda, but torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}); set device: auto or cpu in the preset.")
+    use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if spec.dtype == "auto":
+        dtype = torch.bfloat16 if use_cuda else torch.float32
+    else:
+        dtype = getattr(torch, spec.dtype)
+    return device, dtype
+
+
+def _load_error(spec: ModelSpec, what: str, err: BaseException) -> ModelLoadError:
+    detail = " ".join(str(err).split())
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    rev = f" (revision {spec.revision})" if spec.revision else ""
+    return ModelLoadError(f"cannot load the {what} of model {spec.id!r}{rev}: {type(err).__name__}: {detail}. "
+                          + how_to_provide(spec.id))
+
+
+def load_pretrained(cls: type, spec: ModelSpec, preset: ModelPreset, **kw: Any) -> Any:
+    """``cls.from_pretrained`` for ``spec``, on its device and dtype, in eval mode.
+
+    Args:
+        cls: a transformers model class (``BlipForConditionalGeneration``, ``CLIPModel``, ...).
+        spec: model id, revision, dtype and device (``models/*.yaml``).
+        preset: the preset ``spec`` belongs to (for ``builder: tiny``).
+        **kw: extra ``from_pretrained`` arguments (e.g. ``attn_implementation="eager"``: BLIP has
+            no SDPA attention; CLIP uses ``"sdpa"``).
+
+    Returns:
+        The model, moved to :func:`resolve_device_dtype`'s device, ``.eval()``.
+
+    Raises:
+        ModelLoadError: the checkpoint cannot be found (not cached, offline, no such repo or
+            folder, connection failure) or read; one paragraph naming the model and how to
+            provide it, no traceback.
+    """
+    device, dtype = resolve_device_dtype(spec)
+    res = _resolve(spec, preset)
+    try:
+        model = cls.from_pretrained(res.path, revision=spec.revision, dtype=dtype,
+                                    local_files_only=res.local_only, **kw)
+    except (OSError, ValueError, ConnectionError) as e:
+        raise _load_error(spec, "weights", e) from None
+    except Exception as e:  # httpx transport errors are not OSErrors
+        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3", "huggingface_hub"):
+            raise _load_error(spec, "weights", e) from None
+        raise
+    return model.to(device).eval()
+
+
+def load_processor(cls: type, spec: ModelSpec, preset: ModelPreset, **kw: Any) -> Any:
+    """``cls.from_pretrained`` for the processor (image processor + tokenizer) of ``spec``.
+
+    Raises:
+        ModelLoadError: as :func:`load_pretrained`.
+    """
+    res = _resolve(spec, preset)
+    try:
+        return cls.from_pretrained(res.path, revision=spec.revision, local_files_only=res.local_only, **kw)
+    except (OSError, ValueError, ConnectionError) as e:
+        raise _load_error(spec, "processor/tokenizer", e) from None
+    except Exception as e:
+        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3", "huggingface_hub"):
+            raise _load_error(spec, "processor/tokenizer", e) from None
+        raise
+
+
+def _check_available(spec: ModelSpec, preset: ModelPreset, role: str) -> None:
+    res = _resolve(spec, preset)
+    if preset.builder == "tiny" or _looks_local(spec.id):
+        folder = Path(res.path)
+        if not folder.is_dir():
+            raise ModelLoadError(f"the {role} model {spec.id!r} is not a local directory that exists. "
+                                 + how_to_provide(spec.id))
+        if not _local_weights(folder):
+            raise ModelLoadError(f"the {role} model directory {folder} has no config.json and weights "
+                                 f"({' or '.join(WEIGHT_FILES[::2])}); save it with save_pretrained(). "
+                                 + how_to_provide(spec.id))
+        return
+    if _hub_cached(spec.id, spec.revision):
+        return
+    rev = f" at revision {spec.revision}" if spec.revision else ""
+    if hub_offline():
+        raise ModelLoadError(f"the {role} model {spec.id!r}{rev} is not in the Hugging Face cache and "
+                             f"HF_HUB_OFFLINE is set, so it cannot be downloaded. " + how_to_provide(spec.id))
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(spec.id, revision=spec.revision, timeout=HUB_PROBE_TIMEOUT)
+    except Exception as e:  # no network, DNS failure, 404, gated repo, invalid id
+        detail = " ".join(str(e).split())[:200]
+        raise ModelLoadError(f"the {role} model {spec.id!r}{rev} is not in the Hugging Face cache and the Hub "
+                             f"cannot be reached or does not have it ({type(e).__name__}: {detail}). "
+                             + how_to_provide(spec.id)) from None
+
+
+def preflight(preset: ModelPreset, need: set[str]) -> None:
+    """Check, before any work, that the models a run needs can be loaded.
+
+    Cheap: only looks for ``config.json`` and a weights file (in a local directory, in the tiny
+    build, or in the Hugging Face cache via ``huggingface_hub.try_to_load_from_cache``). A Hub
+    model that is not cached is probed once with ``HfApi.model_info`` (timeout
+    :data:`HUB_PROBE_TIMEOUT` seconds) unless ``HF_HUB_OFFLINE`` is set, in which case it fails at
+    once. Builds the tiny checkpoints if the preset is ``builder: tiny``.
+
+    Args:
+        preset: the model preset.
+        need: roles to check, a subset of ``{"captioner", "filter", "clip"}``.
+
+    Raises:
+        ModelLoadError: a needed model is missing or unreachable, or the preset has no ``clip``
+            model but ``clip`` is needed; the message names the model and how to provide it.
+        ValueError: ``need`` holds an unknown role.
+    """
+    unknown = set(need) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown model role(s) {sorted(unknown)}; expected a subset of {ROLES}")
+    for role in ROLES:
+        if role not in need:
+            continue
+        spec = getattr(preset, role)
+        if spec is None:
+            raise ModelLoadError(f"model preset {preset.name!r} has no {role} model, but the pipeline needs one "
+                                 f"(score.scorers includes {role!r}); add `{role}: {{id: ..., kind: {role}}}` "
+                                 f"to the preset or drop {role!r} from score.scorers.")
+        _check_available(spec, preset, role)

@@ -1,0 +1,36 @@
+"""Typed per-image score results shared by the scorers (:mod:`.blip_scorer`, :mod:`.clip_scorer`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Scores of the ``T`` candidate texts of one image, in the order the texts were given.
+
+    Attributes:
+        itm: float32 ``(T,)``, BLIP ITM probability that the text matches the image,
+            ``softmax(itm_head(...))[:, 1]`` in [0, 1] (BLIP §3.1, §3.3 filter); ``None`` if not computed.
+        itc: float32 ``(T,)``, BLIP ITC cosine of the normalised ``vision_proj(image [CLS])`` and
+            ``text_proj(text [CLS])`` in [-1, 1]; ``None`` if not computed.
+        clip: float32 ``(T,)``, CLIP cosine of normalised image and text embeddings in [-1, 1]
+            (BLIP-2 §3.4 ranking); ``None`` if not computed.
+    """
+
+    itm: np.ndarray | None = None
+    itc: np.ndarray | None = None
+    clip: np.ndarray | None = None
+
+    def get(self, scorer: str) -> np.ndarray:
+        """The scores of ``scorer`` (``itm``, ``itc`` or ``clip``).
+
+        Raises:
+            KeyError: that scorer was not computed for this result.
+        """
+        value = getattr(self, scorer, None) if scorer in ("itm", "itc", "clip") else None
+        if value is None:
+            raise KeyError(f"scorer {scorer!r} was not computed")
+        return value

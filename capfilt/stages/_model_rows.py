@@ -1,0 +1,122 @@
+"""Row plumbing shared by the model stages (caption, score): image decoding, row-level failures."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import pyarrow as pa
+
+from capfilt.modeling.batching import chunks, is_oom
+from capfilt.schema import SUCCESS
+from capfilt.stages.base import set_column
+
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+
+#: Longest ``error_message`` a model stage writes (characters).
+MAX_ERROR_CHARS = 300
+
+
+def column(batch: pa.Table, name: str) -> list[Any]:
+    """``batch[name]`` as a Python list, or ``None`` per row when the column is absent."""
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+
+def success_rows(batch: pa.Table) -> list[int]:
+    """Indices of rows whose ``status`` is ``success`` (all rows if there is no ``status`` column)."""
+    if "status" not in batch.column_names:
+        return list(range(batch.num_rows))
+    return [i for i, s in enumerate(batch.column("status").to_pylist()) if s == SUCCESS]
+
+
+def decode_image(data: bytes | None) -> Any:
+    """Decode JPEG/PNG/WebP bytes (already resized by the download stage) to an RGB ``PIL.Image``.
+
+    Raises:
+        ValueError: ``data`` is null or empty.
+        ValueError: the bytes are not an image format Pillow knows.
+        OSError: a truncated or corrupt image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ValueError("no image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"image bytes are not a format Pillow can decode ({len(data)} bytes, "
+                         f"starting {bytes(data[:8])!r})") from None
+
+
+def short_error(err: BaseException) -> str:
+    """``"TypeName: message"`` on one line, at most :data:`MAX_ERROR_CHARS` characters."""
+    text = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
+
+
+def row_seed(seed: int, key: str) -> int:
+    """Stable 63-bit sampling seed of a row: blake2b of ``(seed, key)`` (not Python's salted ``hash``)."""
+    digest = hashlib.blake2b(f"{seed}\x1f{key}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def run_rows(rows: Sequence[int], batch_size: int, fn: Callable[[Sequence[int]], list[R]],
+             stage: str) -> tuple[dict[int, R], dict[int, str]]:
+    """Run ``fn`` on ``rows`` in micro-batches; a failing micro-batch is retried row by row.
+
+    Args:
+        rows: row indices to process.
+        batch_size: rows per ``fn`` call.
+        fn: maps a list of row indices to one result per row (decoding included, so a broken
+            image fails its row only).
+        stage: stage name for log messages.
+
+    Returns:
+        ``(results, errors)``: ``{row: result}`` for rows that succeeded and ``{row: message}``
+        (:func:`short_error`) for rows that failed even alone.
+
+    Raises:
+        torch.OutOfMemoryError: out of memory on a single row (an infrastructure fault, not row data).
+    """
+    results: dict[int, R] = {}
+    errors: dict[int, str] = {}
+    for part in chunks(list(rows), batch_size):
+        try:
+            results.update(zip(part, fn(part)))
+            continue
+        except Exception as e:
+            if is_oom(e) and len(part) == 1:
+                raise
+            log.warning("%s: batch of %d rows failed (%s); retrying row by row", stage, len(part), short_error(e))
+        for r in part:
+            try:
+                results[r] = fn([r])[0]
+            except Exception as e:
+                if is_oom(e):
+                    raise
+                errors[r] = short_error(e)
+    return results, errors
+
+
+def mark_failed(batch: pa.Table, errors: dict[int, str], status: str) -> pa.Table:
+    """Set ``status`` and ``error_message`` of the rows in ``errors`` (other rows unchanged)."""
+    if not errors:
+        return batch
+    statuses = column(batch, "status")
+    messages = column(batch, "error_message")
+    for r, msg in errors.items():
+        statuses[r] = status
+        messages[r] = msg
+    batch = set_column(batch, "status", pa.array(statuses, pa.string()))
+    return set_column(batch, "error_message", pa.array(messages, pa.string()))
+
+
+def add_seconds(batch: pa.Table, name: str, seconds: float) -> pa.Table:
+    """Add float64 column ``name``: ``seconds`` divided evenly over the batch's rows."""
+    n = batch.num_rows
+    return set_column(batch, name, pa.array([seconds / n if n else 0.0] * n, pa.float64()))

@@ -1,0 +1,124 @@
+"""Score: every candidate text (web and synthetic) of a row against its image (BLIP §3.3 "Filt", BLIP-2 §3.4).
+
+Only scores are added here; the keep/drop decision is :mod:`capfilt.stages.select` (so
+thresholds can be re-tuned without a GPU).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from capfilt.config import ModelPreset, ScoreConfig
+from capfilt.modeling.scores import ScoreResult
+from capfilt.schema import FAILED_TO_SCORE
+from capfilt.stages._model_rows import add_seconds, column, decode_image, mark_failed, run_rows, success_rows
+from capfilt.stages.base import Stage, set_column
+
+
+def _has_web(text: Any) -> bool:
+    return isinstance(text, str) and bool(text.strip())
+
+
+class ScoreStage(Stage):
+    """Add, for each scorer ``s`` in ``cfg.scorers``, ``synthetic_<s>: list<float32>`` and ``web_<s>: float32``.
+
+    Input columns: ``status`` (only ``success`` rows are scored), ``image`` (encoded bytes),
+    ``caption`` (the web text; null or blank means none) and ``synthetic_captions`` (may be absent
+    or null). ``synthetic_<s>`` is aligned with ``synthetic_captions`` (null where that is null);
+    ``web_<s>`` is null without a web caption. Non-``success`` rows get nulls.
+
+    ``itm`` / ``itc`` come from the filter (``preset.filter``, :class:`BlipScorer`), ``clip`` from
+    ``preset.clip`` (:class:`ClipScorer`). Each image is encoded once per model; texts are
+    truncated to ``cfg.max_text_tokens`` (CLIP: its 77-token context). ``cfg.batch_size`` images
+    (with all their texts) per model call; a failing micro-batch is retried row by row and a row
+    that still fails gets status ``failed_to_score`` and a short ``error_message``.
+
+    Internal columns for the writer's stats: ``_seconds_score`` (float64, this call's wall seconds
+    divided by its row count) and ``_texts_score`` (int32, texts scored in the row).
+
+    Args:
+        cfg: :class:`capfilt.config.ScoreConfig`.
+        preset: model preset (``filter`` and, when ``clip`` is a scorer, ``clip``).
+    """
+
+    name: ClassVar[str] = "score"
+    uses_model: ClassVar[bool] = True
+
+    def __init__(self, cfg: ScoreConfig, preset: ModelPreset):
+        self.cfg = cfg
+        self.preset = preset
+        self.scorers: list[Any] = []
+
+    def setup(self) -> None:
+        """Load the scoring models ``cfg.scorers`` needs.
+
+        Raises:
+            ModelLoadError: a checkpoint cannot be loaded, or ``clip`` is a scorer but the preset
+                has no ``clip`` model.
+        """
+        if self.scorers:
+            return
+        blip_kinds = [s for s in self.cfg.scorers if s in ("itm", "itc")]
+        scorers: list[Any] = []
+        if blip_kinds:
+            from capfilt.modeling.blip_scorer import BlipScorer
+
+            scorers.append(BlipScorer.from_spec(self.preset.filter, self.preset, blip_kinds, self.cfg.max_text_tokens))
+        if "clip" in self.cfg.scorers:
+            from capfilt.errors import ModelLoadError
+            from capfilt.modeling.clip_scorer import ClipScorer
+
+            if self.preset.clip is None:
+                raise ModelLoadError(f"score.scorers includes 'clip' but model preset {self.preset.name!r} has no "
+                                     f"clip model; add `clip: {{id: openai/clip-vit-large-patch14, kind: clip}}`.")
+            scorers.append(ClipScorer.from_spec(self.preset.clip, self.preset))
+        self.scorers = scorers
+
+    def _score(self, images: Sequence[Any], texts: Sequence[Sequence[str]]) -> list[dict[str, np.ndarray]]:
+        merged: list[dict[str, np.ndarray]] = [{} for _ in images]
+        for scorer in self.scorers:
+            res: list[ScoreResult] = scorer.score(images, texts)
+            for m, r in zip(merged, res):
+                for s in self.cfg.scorers:
+                    value = getattr(r, s)
+                    if value is not None:
+                        m[s] = value
+        return merged
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Score the ``success`` rows of ``batch``; same rows, same order, plus the score columns."""
+        start = time.perf_counter()
+        self.setup()
+        images = column(batch, "image")
+        web = column(batch, "caption")
+        synth = column(batch, "synthetic_captions")
+
+        def texts_of(r: int) -> list[str]:
+            return list(synth[r] or []) + ([web[r]] if _has_web(web[r]) else [])
+
+        def score(rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
+            ims = [decode_image(images[r]) for r in rows]
+            return self._score(ims, [texts_of(r) for r in rows])
+
+        results, errors = run_rows(success_rows(batch), self.cfg.batch_size, score, self.name)
+        n = batch.num_rows
+        out = batch
+        for s in self.cfg.scorers:
+            syn_col: list[list[float] | None] = [None] * n
+            web_col: list[float | None] = [None] * n
+            for r, scores in results.items():
+                values = scores[s].tolist()
+                n_syn = len(synth[r]) if synth[r] is not None else 0
+                syn_col[r] = values[:n_syn] if synth[r] is not None else None
+                web_col[r] = values[n_syn] if _has_web(web[r]) else None
+            out = set_column(out, f"synthetic_{s}", pa.array(syn_col, pa.list_(pa.float32())))
+            out = set_column(out, f"web_{s}", pa.array(web_col, pa.float32()))
+        texts_count = [len(texts_of(r)) if r in results else 0 for r in range(n)]
+        out = set_column(out, "_texts_score", pa.array(texts_count, pa.int32()))
+        out = mark_failed(out, errors, FAILED_TO_SCORE)
+        return add_seconds(out, "_seconds_score", time.perf_counter() - start)
