@@ -512,18 +512,23 @@ def _reason(code: int, reason: str | None) -> str:
 def _transport_failure(e: Exception, watchdog: _Watchdog, timeout: float) -> FetchFailure:
     import ssl
 
-    from urllib3.exceptions import ProtocolError
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
 
-    if watchdog.fired or isinstance(e, (TimeoutError, socket.timeout)) or "timed out" in str(e).lower():
+    root: BaseException = e
+    while isinstance(root, (NewConnectionError, ProtocolError)) and (root.__cause__ or root.__context__):
+        root = root.__cause__ or root.__context__
+    timed_out = isinstance(root, (TimeoutError, socket.timeout, ReadTimeoutError)) or (
+        isinstance(e, ConnectTimeoutError) and not isinstance(e, NewConnectionError))
+    if watchdog.fired or timed_out:
         return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"timed out after {timeout:.1f} s", transient=True)
-    if isinstance(e, ssl.SSLError) or type(e).__name__.startswith("SSL") or "certificate" in str(e).lower():
-        return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"TLS error: {_shorten(_oserror_text(e), 100)}")
-    if isinstance(e, ConnectionRefusedError):
+    if isinstance(root, ssl.SSLError):
+        return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"TLS error: {_shorten(_oserror_text(root), 100)}")
+    if isinstance(root, ConnectionRefusedError):
         return FetchFailure(schema.FAILED_TO_DOWNLOAD, "connection refused", transient=True)
-    if isinstance(e, (ConnectionError, ProtocolError, OSError)):
-        return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"connection error: {_shorten(_oserror_text(e), 100)}",
+    if isinstance(root, (ConnectionError, ProtocolError, OSError, NewConnectionError)):
+        return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"connection error: {_shorten(_oserror_text(root), 100)}",
                             transient=True)
-    return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"{type(e).__name__}: {_shorten(str(e), 100)}")
+    return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"{type(root).__name__}: {_shorten(str(root), 100)}")
 
 
 def _oserror_text(e: BaseException) -> str:
