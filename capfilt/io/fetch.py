@@ -336,7 +336,7 @@ def fetch(url: object, cfg, *, allow_private_network: bool | None = None) -> Fet
     if clean.startswith("file:"):
         return _fetch_file(clean, cfg.max_bytes)
     if cfg.disallowed_header_directives:
-        preload()  # import img2dataset (~3 s, once) outside the request's deadline
+        preload()  # import img2dataset's modules (~1 s, once) outside the request's deadline
     last: FetchFailure | None = None
     tries = 0
     for _ in range(cfg.retries + 1):
