@@ -69,8 +69,9 @@ def _hub_cached(repo_id: str, revision: str | None) -> bool:
 
 def how_to_provide(model_id: str) -> str:
     """The one-paragraph advice appended to every :class:`ModelLoadError` about ``model_id``."""
-    return (f"To provide it: on a machine with internet run `huggingface-cli download {model_id}` and copy the "
-            f"Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME) to this machine; or save the model to a "
+    return (f"To provide it: on a machine with internet run `hf download {model_id}` (older huggingface_hub: "
+            f"`huggingface-cli download {model_id}`) and copy the Hugging Face cache (~/.cache/huggingface/hub, "
+            f"or $HF_HOME/hub) to this machine; or save the model to a "
             f"local directory, point `id:` at that directory in a preset YAML (copy one from models/) and pass "
             f"`--models PATH.yaml`; or use `--models tiny` for an offline smoke test with random weights.")
 
@@ -128,7 +129,7 @@ def resolve_device_dtype(spec: ModelSpec) -> tuple[Any, Any]:
 
 
 def _load_error(spec: ModelSpec, what: str, err: BaseException) -> ModelLoadError:
-    detail = " ".join(str(err).split())
+    detail = " ".join(str(err).split()).rstrip(".")
     if len(detail) > 300:
         detail = detail[:297] + "..."
     rev = f" (revision {spec.revision})" if spec.revision else ""
@@ -208,7 +209,7 @@ def _check_available(spec: ModelSpec, preset: ModelPreset, role: str) -> None:
     try:
         HfApi().model_info(spec.id, revision=spec.revision, timeout=HUB_PROBE_TIMEOUT)
     except Exception as e:  # no network, DNS failure, 404, gated repo, invalid id
-        detail = " ".join(str(e).split())[:200]
+        detail = " ".join(str(e).split())[:200].rstrip(".")
         raise ModelLoadError(f"the {role} model {spec.id!r}{rev} is not in the Hugging Face cache and the Hub "
                              f"cannot be reached or does not have it ({type(e).__name__}: {detail}). "
                              + how_to_provide(spec.id)) from None
