@@ -382,3 +382,57 @@ def test_file_urls_only_with_flag(tmp_path):
     assert fetch((tmp_path / "empty.jpg").as_uri(), DownloadConfig(allow_file_urls=True)).status == schema.FAILED_TO_DOWNLOAD
     missing = fetch((tmp_path / "missing.jpg").as_uri(), DownloadConfig(allow_file_urls=True))
     assert missing.status == schema.FAILED_TO_DOWNLOAD and "missing.jpg" in missing.error_message
+
+
+def _raw_route(server, path, status, headers: list[bytes], body: bytes = b"", chunks: list[bytes] | None = None):
+    def handler(req):
+        req.send_response(status)
+        for h in headers:
+            req._headers_buffer.append(h + b"\r\n")  # raw bytes, as some servers send them
+        if chunks is None:
+            req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        if chunks is None:
+            req.wfile.write(body)
+        else:
+            for c in chunks:
+                req.wfile.write(b"%x\r\n" % len(c) + c + b"\r\n")
+            req.wfile.write(b"0\r\n\r\n")
+
+    server.add_route(path, handler)
+
+
+def test_chunked_body(server):
+    _raw_route(server, "/chunked", 200, [b"Transfer-Encoding: chunked"],
+               chunks=[HOPPER[i:i + 1000] for i in range(0, len(HOPPER), 1000)])
+    r = fetch(server.url("chunked"), cfg())
+    assert r.status == schema.SUCCESS and r.data == HOPPER
+
+
+def test_gzip_body_is_decoded_and_capped_after_decoding(server):
+    import gzip
+
+    _raw_route(server, "/gz", 200, [b"Content-Encoding: gzip"], gzip.compress(HOPPER))
+    r = fetch(server.url("gz"), cfg())
+    assert r.status == schema.SUCCESS and r.data == HOPPER
+    bomb = gzip.compress(b"\0" * 20_000_000)  # 20 kB on the wire, 20 MB decoded
+    _raw_route(server, "/gzbomb", 200, [b"Content-Encoding: gzip"], bomb)
+    r = fetch(server.url("gzbomb"), cfg(max_bytes=1_000_000))
+    assert (r.status, r.error_message) == (schema.TOO_LARGE, "body is over the limit of 1,000,000 bytes")
+
+
+def test_redirect_location_sent_as_raw_utf8(server):
+    seen = []
+
+    def target(req):
+        seen.append(req.path)
+        req.send_response(200)
+        req.send_header("Content-Length", str(len(HOPPER)))
+        req.end_headers()
+        req.wfile.write(HOPPER)
+
+    server.add_route("/café.jpg", target)
+    _raw_route(server, "/utf8-location", 302, ["Location: /café.jpg".encode()])
+    r = fetch(server.url("utf8-location"), cfg())
+    assert r.status == schema.SUCCESS and r.data == HOPPER
+    assert seen == ["/caf%C3%A9.jpg"] and r.final_url.endswith("/caf%C3%A9.jpg")

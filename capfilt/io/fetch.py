@@ -380,7 +380,7 @@ def _fetch_once(url: str, cfg, allow_private: bool) -> tuple[bytes, str | None, 
         result = _request(current, cfg, allow_private, deadline)
         if isinstance(result, tuple):
             return result
-        location = result
+        location = _header_text(result)
         target = urljoin(current, location)
         try:
             target = normalize_url(target, allow_file_urls=False)
@@ -498,6 +498,14 @@ def _read_body(resp, max_bytes: int, watchdog: _Watchdog, timeout: float) -> byt
             raise FetchFailure(schema.TOO_LARGE, f"body is over the limit of {max_bytes:,} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _header_text(value: str) -> str:
+    """Undo http.client's latin-1 decoding of a header that a server sent as raw UTF-8 bytes."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
 
 
 def _reason(code: int, reason: str | None) -> str:
