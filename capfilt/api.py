@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 
 from capfilt import __version__
 from capfilt.config import ModelPreset, PipelineConfig, load_pipeline, load_preset
-from capfilt.errors import ConfigError, OutputError
+from capfilt.config import ConfigError
+from capfilt.errors import OutputError
 from capfilt.io.filesystem import Location, locate
 from capfilt.io.reader import InputFile, inspect_inputs, key_to_position, passthrough_fields
 from capfilt.io.writer import META_DIR, ShardWriter, committed_keys, scan_output

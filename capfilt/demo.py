@@ -91,14 +91,14 @@ def run_demo(output: Path, models: str = "tiny", pipeline: str = "blip", overwri
         httpd.server_close()
         shutil.rmtree(tmp, ignore_errors=True)
     print_summary(result, console)
-    _print_samples(Path(output), console)
+    _print_samples(Path(output), console, noise=models == "tiny")
     if models == "tiny":
         console.print(Panel(TINY_NOTICE, title="about these captions", border_style="yellow"))
     console.print(f"next: capfilt report {output}   (HTML report)   |   capfilt inspect {output}")
     return result
 
 
-def _print_samples(output: Path, console: Console, n: int = 4) -> None:
+def _print_samples(output: Path, console: Console, n: int = 4, noise: bool = False) -> None:
     import pyarrow.dataset as ds
 
     files = sorted(str(p) for p in output.glob("*.parquet"))
@@ -107,9 +107,20 @@ def _print_samples(output: Path, console: Console, n: int = 4) -> None:
     cols = ["key", "status", "caption", "synthetic_captions", "web_itm", "keep"]
     t = ds.dataset(files, format="parquet").to_table(columns=[c for c in cols if c in
                                                              pq.read_schema(files[0]).names])
-    table = Table(title="sample rows", title_justify="left")
+    title = "sample rows" + (" (tiny untrained models: synthetic captions are noise)" if noise else "")
+    table = Table(title=title, title_justify="left")
     for c in t.column_names:
         table.add_column(c, overflow="fold", max_width=40)
+    def fmt(v) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        if isinstance(v, list):
+            v = " | ".join(v)
+        v = str(v)
+        return v if len(v) <= 60 else v[:57] + "..."
+
     for row in t.slice(0, n).to_pylist():
-        table.add_row(*[("" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row.values()])
+        table.add_row(*[fmt(v) for v in row.values()])
     console.print(table)

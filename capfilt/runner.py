@@ -55,15 +55,23 @@ def run_local(specs: pa.Table, plans: list[StagePlan]) -> Iterator[pa.Table]:
         yield t
 
 
-class _ActorStage:
-    """Ray actor wrapper: sets the stage up once per actor, then calls it per block."""
+def _actor_class(stage: Stage) -> type:
+    """A Ray Data actor class for ``stage``: set up once per actor, then called per block.
 
-    def __init__(self, stage: Stage):
-        self.stage = stage
-        self.stage.setup()
+    The stage travels inside the class definition rather than as a constructor argument in the
+    object store, so restarted actors (Ray restarts dead actors by default) can always rebuild it.
+    """
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.stage(batch)
+    class _ActorStage:
+        def __init__(self):
+            self.stage = stage
+            self.stage.setup()
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            return self.stage(batch)
+
+    _ActorStage.__name__ = _ActorStage.__qualname__ = f"{stage.name.capitalize()}Actor"
+    return _ActorStage
 
 
 def _task_fn(stage: Stage):
@@ -166,7 +174,8 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
 
     if specs.num_rows == 0:
         return
-    ds = ray.data.from_arrow([specs.slice(i, 1) for i in range(specs.num_rows)])
+    # one block per shard spec, built in the driver (no remote metadata tasks)
+    ds = ray.data.from_items(specs.to_pylist(), override_num_blocks=specs.num_rows)
     for p in plans:
         r = p.resources
         common = dict(batch_size=None if p.stage.name != "read" else 1, batch_format="pyarrow",
@@ -175,9 +184,12 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
             common["num_gpus"] = r.num_gpus
         if p.stage.uses_model:
             lo, hi = _pool_size(r, cluster)
-            ds = ds.map_batches(_ActorStage, fn_constructor_args=(p.stage,),
-                                compute=ActorPoolStrategy(min_size=lo, max_size=hi),
-                                max_restarts=-1, max_task_retries=-1, **common)
+            # Ray Data restarts dead actors and retries their tasks by default (max_restarts=-1)
+            ds = ds.map_batches(_actor_class(p.stage), compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+                                **common)
         else:
-            ds = ds.map_batches(_task_fn(p.stage), max_retries=3, **common)
+            # max_calls=0 (unlimited worker reuse, Ray's default for CPU tasks) is set explicitly so that
+            # Ray Data never fuses a task stage into the next model actor: downloads must scale on
+            # their own, not inside the captioner's actor pool.
+            ds = ds.map_batches(_task_fn(p.stage), max_calls=0, **common)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
