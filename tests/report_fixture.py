@@ -62,9 +62,28 @@ def coco_items() -> list[dict]:
     return items
 
 
+def _variant(item: dict, rng: np.random.Generator) -> tuple[bytes, int, int]:
+    """A distinct re-encoding of ``item``'s photo: random crop, 384 px longer side, JPEG q90."""
+    import io
+
+    if "_pil" not in item:
+        with Image.open(io.BytesIO(item["bytes"])) as im:
+            item["_pil"] = im.convert("RGB")
+    im = item["_pil"]
+    fw, fh = rng.uniform(0.7, 1.0, 2)
+    cw, ch = max(8, int(im.width * fw)), max(8, int(im.height * fh))
+    x, y = int(rng.integers(0, im.width - cw + 1)), int(rng.integers(0, im.height - ch + 1))
+    crop = im.crop((x, y, x + cw, y + ch))
+    scale = 384 / max(cw, ch)
+    crop = crop.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.BICUBIC)
+    buf = io.BytesIO()
+    crop.save(buf, format="JPEG", quality=90)
+    return buf.getvalue(), crop.width, crop.height
+
+
 def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Literal["blip", "blip2", "download"] = "blip",
                 seed: int = 0, incomplete_shards: int = 0, run_json: Literal["full", "partial", "none"] = "full",
-                models: str = "tiny") -> Path:
+                models: str = "tiny", unique_images: bool = False) -> Path:
     """Write a capfilt output with ``rows`` rows into ``out``.
 
     Args:
@@ -74,6 +93,9 @@ def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Li
             (an interrupted run).
         run_json: ``full``, ``partial`` (only ``config`` and ``versions``) or ``none``.
         models: preset name recorded in ``run.json`` (``tiny`` triggers the report's warning).
+        unique_images: give every row its own image bytes (a random 70-100 % crop of the COCO photo,
+            resized to 384 px on the longer side, JPEG q90), as a real run stores distinct images;
+            otherwise the 79 thumbnails repeat (and Parquet's dictionary encoding dedups them).
 
     Returns:
         ``out``.
@@ -109,7 +131,8 @@ def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Li
                 r.update(keep=False, drop_reason=schema.DROP_NOT_DOWNLOADED)
             records.append(r)
             continue
-        r.update(status=schema.SUCCESS, image=it["bytes"], width=it["width"], height=it["height"],
+        img, w, h = (_variant(it, rng) if unique_images else (it["bytes"], it["width"], it["height"]))
+        r.update(status=schema.SUCCESS, image=img, width=w, height=h,
                  original_width=it["original_width"], original_height=it["original_height"],
                  sha256=f"{it['id']:064x}")
         if recipe == "download":

@@ -22,7 +22,9 @@ from capfilt import schema
 from capfilt.errors import OutputError
 from capfilt.report import build_report, inspect_output
 from capfilt.report.html import SECTIONS
-from capfilt.report.stats import compute_report_data, repeated_ngram, uses_tiny_models, word_count
+from capfilt.report.accumulate import repeated_ngram, word_count
+from capfilt.report.layout import uses_tiny_models
+from capfilt.report.stats import compute_report_data
 from tests.report_expect import check_report, repetitive
 from tests.report_fixture import make_output
 

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
+from capfilt.report.layout import wall_seconds
+
 #: ``(id, heading)`` of the report's sections, in order (the browser test checks each).
 SECTIONS: list[tuple[str, str]] = [
     ("overview", "Overview"),
@@ -208,13 +210,6 @@ def _banners(data: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def _wall_seconds(timings: Any) -> float | None:
-    for k, v in _flatten(timings or {}):
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and ("wall" in k or k.endswith("total_s")):
-            return float(v)
-    return None
-
-
 def _section_overview(data: dict[str, Any], plots: dict[str, bytes]) -> str:
     ov, run, sh = data["overview"], data["run"], data["shards"]
     rows = ov["rows"]
@@ -229,7 +224,7 @@ def _section_overview(data: dict[str, Any], plots: dict[str, bytes]) -> str:
         kpis.append(_kpi(_int(ov["texts_kept"]), "texts kept",
                          f'<span class="web">{_int(src.get("web", 0))} web</span> · '
                          f'<span class="syn">{_int(src.get("synthetic", 0))} synthetic</span>'))
-    wall = _wall_seconds(run.get("timings"))
+    wall = wall_seconds(run)
     if wall is not None:
         kpis.append(_kpi(f"{wall:,.1f} s", "wall time", f"{rows / wall:,.1f} rows/s" if wall else ""))
     parts = [f'<div class="kpis">{"".join(kpis)}</div>']

@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from capfilt.report.layout import wall_seconds
 from capfilt.report.stats import compute_report_data
 
 
@@ -46,8 +47,8 @@ def overview_table(data: dict[str, Any]) -> Table:
         t.add_row(f"{role} model", mid, "")
     if run.get("status"):
         t.add_row("run status", str(run["status"]), "")
-    wall = (run.get("timings") or {}).get("wall_seconds") if isinstance(run.get("timings"), dict) else None
-    if isinstance(wall, (int, float)):
+    wall = wall_seconds(run)
+    if wall is not None:
         t.add_row("wall time", f"{wall:,.1f} s", f"{rows / wall:,.1f} rows/s" if wall else "")
     return t
 
