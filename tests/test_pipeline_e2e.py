@@ -55,7 +55,7 @@ def _laion_server() -> ImageServer:
         elif kind == "junk":
             body, ctype = b"<html><body>this is not an image</body></html>", "image/jpeg"
         else:
-            time.sleep(3.0)
+            time.sleep(8.0)
             body, ctype = photos[0].read_bytes(), "image/jpeg"
         req.send_response(200)
         req.send_header("Content-Type", ctype)
@@ -86,7 +86,7 @@ def laion_run(tmp_path_factory):
         src = _rewrite_hosts(FIXTURES / "meta/test_1000.parquet", tmp / "laion.parquet", srv.base)
         t0 = time.time()
         result = run(RunOptions(inputs=[str(tmp / "laion.parquet")], output=str(tmp / "out"), models="tiny",
-                                overrides=["download.allow_private_network=true", "download.timeout=1",
+                                overrides=["download.allow_private_network=true", "download.timeout=3",
                                            "output.rows_per_shard=250", "download.thread_count=32"],
                                 progress=False))
         elapsed = time.time() - t0
@@ -114,13 +114,13 @@ def test_laion_1000_every_row_once_with_status(laion_run):
                 assert row["status"] == "failed_to_download" and "404" in row["error_message"]
             if kind == "slow":
                 assert row["status"] == "failed_to_download" and "time" in row["error_message"].lower()
-    assert elapsed < 300  # bounded: slow answers are cut at the 1 s timeout
+    assert elapsed < 300  # bounded: slow answers are cut at the 3 s timeout
 
 
 def test_output_contract_and_readback(laion_run):
     _src, out, _result, _ = laion_run
     shards = sorted(out.glob("*.parquet"))
-    assert len(shards) == 4 and all((out / (p.stem + ".stats.json")).exists() for p in shards)
+    assert len(shards) == 4 and all((out / "_stats" / (p.stem + ".stats.json")).exists() for p in shards)
     schemas = {str(pq.read_schema(p).remove_metadata()) for p in shards}
     assert len(schemas) == 1
     meta = pq.read_schema(shards[0]).metadata
@@ -130,7 +130,7 @@ def test_output_contract_and_readback(laion_run):
 
     n_fp = sum(len(pd.read_parquet(p, engine="fastparquet")) for p in shards)
     n_pd = len(pd.read_parquet(out, engine="pyarrow"))
-    n_duck = duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchone()[0]
+    n_duck = duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall()[0][0]
     assert n_fp == n_pd == n_duck == 1000
     fp = pd.read_parquet(shards[0], engine="fastparquet")
     ok = fp[fp.status == "success"]

@@ -3,9 +3,11 @@
 A shard part is committed in three steps (img2dataset's "stats written last" rule):
 1. write ``OUT/_capfilt/tmp/<name>.<uuid>.parquet``;
 2. move it to ``OUT/<name>.parquet``;
-3. write ``OUT/<name>.stats.json`` (also via a temporary name).
+3. write ``OUT/_stats/<name>.stats.json`` (also via a temporary name).
 A ``.parquet`` without its ``.stats.json`` is an uncommitted leftover of a crash: resume deletes
-it and redoes its rows. ``<name>`` is ``SSSSS`` (shard id) for a shard's first part, or
+it and redoes its rows. Stats live in ``_stats/`` rather than beside the shards (img2dataset's
+layout) so that ``pd.read_parquet(OUT)``, ``pq.read_table(OUT)`` and HF ``datasets`` can read the
+output folder directly: they skip ``_``-prefixed names. ``<name>`` is ``SSSSS`` (shard id) for a shard's first part, or
 ``SSSSS-OOOOOO`` when a part starts at row offset ``O`` of the shard (a resumed partial shard, or
 a block Ray split).
 """
@@ -29,6 +31,7 @@ from capfilt.schema import SCHEMA_VERSION, SOURCE_SYNTHETIC, SOURCE_WEB, SUCCESS
 from capfilt.stages.base import Stage
 
 STATS_SUFFIX = ".stats.json"
+STATS_DIR = "_stats"
 META_DIR = "_capfilt"
 
 
@@ -122,7 +125,8 @@ class ShardWriter(Stage):
             with out.fs.open_output_stream(tmp.path) as f:
                 pq.write_table(table, f, compression=self.compression)
             out.fs.move(tmp.path, out.join(f"{name}.parquet").path)
-            _write_bytes(out.join(name + STATS_SUFFIX), json.dumps(st, indent=1).encode())
+            out.fs.create_dir(out.join(STATS_DIR).path, recursive=True)
+            _write_bytes(out.join(STATS_DIR, name + STATS_SUFFIX), json.dumps(st, indent=1).encode())
             names.append(name), ids.append(shard_id), rows.append(table.num_rows), stats.append(json.dumps(st))
         return pa.table({"name": pa.array(names, pa.string()), "shard_id": pa.array(ids, pa.int64()),
                          "rows": pa.array(rows, pa.int64()), "stats": pa.array(stats, pa.string())})
@@ -132,30 +136,37 @@ def scan_output(out: Location) -> tuple[list[CommittedPart], list[str]]:
     """Committed parts of an output folder, and leftover files of interrupted writes.
 
     Returns:
-        ``(parts, leftovers)``: ``parts`` have both ``NAME.parquet`` and ``NAME.stats.json``;
+        ``(parts, leftovers)``: ``parts`` have both ``NAME.parquet`` and ``_stats/NAME.stats.json``;
         ``leftovers`` are paths of parquet files without stats and temporary files, to delete
         before resuming.
     """
     if not out.exists():
         return [], []
-    infos = out.fs.get_file_info(pafs.FileSelector(out.path, recursive=False))
-    files = {i.path.rsplit("/", 1)[-1]: i.path for i in infos if i.type == pafs.FileType.File}
+    def listing(loc: Location) -> dict[str, str]:
+        if not loc.exists():
+            return {}
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
+        return {i.path.rsplit("/", 1)[-1]: i.path for i in infos if i.type == pafs.FileType.File}
+
+    files, stats_files = listing(out), listing(out.join(STATS_DIR))
     parts, leftovers = [], []
     for fname, path in sorted(files.items()):
         if fname.endswith(".tmp"):
             leftovers.append(path)
         elif fname.endswith(".parquet"):
             stem = fname[: -len(".parquet")]
-            if stem + STATS_SUFFIX in files:
-                with out.fs.open_input_stream(files[stem + STATS_SUFFIX]) as f:
+            if stem + STATS_SUFFIX in stats_files:
+                with out.fs.open_input_stream(stats_files[stem + STATS_SUFFIX]) as f:
                     try:
                         stats = json.loads(f.read())
                     except ValueError:
-                        leftovers += [path, files[stem + STATS_SUFFIX]]
+                        leftovers += [path, stats_files[stem + STATS_SUFFIX]]
                         continue
                 parts.append(CommittedPart(stem, path, stats))
             else:
                 leftovers.append(path)
+    leftovers += [p for n, p in stats_files.items()
+                  if n.endswith(".tmp") or (n.endswith(STATS_SUFFIX) and n[: -len(STATS_SUFFIX)] + ".parquet" not in files)]
     tmp = out.join(META_DIR, "tmp")
     if tmp.exists():
         leftovers += [i.path for i in out.fs.get_file_info(pafs.FileSelector(tmp.path, recursive=True))
