@@ -91,8 +91,8 @@ def test_default_config_refuses_private_addresses(server):
         (schema.BLOCKED_ADDRESS, "host 169.254.169.254 is a link-local address"),
         (schema.BLOCKED_ADDRESS, "host ::1 is a loopback address"),
         (schema.INVALID_URL, "file:// URLs are not allowed (allow_file_urls is off)"),
-        (schema.INVALID_URL, "unsupported scheme ftp: (only http/https)"),
-        (schema.INVALID_URL, "unsupported scheme javascript: (only http/https)"),
+        (schema.INVALID_URL, "unsupported scheme 'ftp' (only http/https)"),
+        (schema.INVALID_URL, "unsupported scheme 'javascript' (only http/https)"),
     ]
 
 

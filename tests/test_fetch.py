@@ -72,9 +72,9 @@ def test_normalize_url_cleans_real_world_urls(raw, clean):
     ("", "empty URL"),
     ("   ", "empty URL"),
     ("UNLIKELY", "not a URL"),
-    ("ftp://example.com/x.jpg", "unsupported scheme ftp"),
-    ("javascript:alert(1)", "unsupported scheme javascript"),
-    ("data:image/png;base64,AAAA", "unsupported scheme data"),
+    ("ftp://example.com/x.jpg", "unsupported scheme 'ftp'"),
+    ("javascript:alert(1)", "unsupported scheme 'javascript'"),
+    ("data:image/png;base64,AAAA", "unsupported scheme 'data'"),
     ("file:///etc/passwd", "file:// URLs are not allowed"),
     ("http://", "no host"),
     ("http://example.com:99999/x", "port"),
@@ -436,3 +436,71 @@ def test_redirect_location_sent_as_raw_utf8(server):
     r = fetch(server.url("utf8-location"), cfg())
     assert r.status == schema.SUCCESS and r.data == HOPPER
     assert seen == ["/caf%C3%A9.jpg"] and r.final_url.endswith("/caf%C3%A9.jpg")
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTPS: the connection goes to the checked IP, while SNI, certificate check and Host use the name
+# ---------------------------------------------------------------------------------------------
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    pytest.importorskip("cryptography")
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_uses_sni_and_verifies_the_name_while_connecting_to_the_ip(tmp_path, monkeypatch, connections):
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    sni: list[str | None] = []
+    hosts: list[str] = []
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.sni_callback = lambda sock, server_name, _ctx: sni.append(server_name)
+
+    class Handler(_QuietHandler):
+        def do_GET(self):  # noqa: N802
+            hosts.append(self.headers["Host"])
+            return super().do_GET()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(TRICKY)))
+    httpd.daemon_threads = True
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    url = f"https://localhost:{port}/pillow_hopper.jpg"
+    try:
+        untrusted = fetch(url, cfg())
+        assert untrusted.status == schema.FAILED_TO_DOWNLOAD
+        assert untrusted.error_message.startswith("TLS error") and "certificate" in untrusted.error_message
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust the test certificate
+        ok = fetch(url, cfg())
+        assert ok.status == schema.SUCCESS and ok.data == HOPPER
+        assert sni == ["localhost", "localhost"]
+        assert hosts == [f"localhost:{port}"]
+        assert connections == [("127.0.0.1", port), ("127.0.0.1", port)]  # the checked IP, not the name
+
+        wrong_name = fetch(f"https://127.0.0.1:{port}/pillow_hopper.jpg", cfg())
+        assert wrong_name.status == schema.FAILED_TO_DOWNLOAD and "TLS error" in wrong_name.error_message
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -160,7 +160,7 @@ def normalize_url(url: object, allow_file_urls: bool = False) -> str:
         shown = _shorten(raw, 40)
         if not scheme or not parts.netloc and ":" not in raw:
             raise FetchFailure(schema.INVALID_URL, f"not a URL: {shown!r}")
-        raise FetchFailure(schema.INVALID_URL, f"unsupported scheme {scheme}: (only http/https)")
+        raise FetchFailure(schema.INVALID_URL, f"unsupported scheme {scheme!r} (only http/https)")
     if not parts.netloc:
         raise FetchFailure(schema.INVALID_URL, f"URL has no host: {_shorten(raw, 40)!r}")
     try:
@@ -529,7 +529,9 @@ def _transport_failure(e: Exception, watchdog: _Watchdog, timeout: float) -> Fet
         isinstance(e, ConnectTimeoutError) and not isinstance(e, NewConnectionError))
     if watchdog.fired or timed_out:
         return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"timed out after {timeout:.1f} s", transient=True)
-    if isinstance(root, ssl.SSLError):
+    from urllib3.util.ssl_match_hostname import CertificateError
+
+    if isinstance(root, (ssl.SSLError, ssl.CertificateError, CertificateError)):
         return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"TLS error: {_shorten(_oserror_text(root), 100)}")
     if isinstance(root, ConnectionRefusedError):
         return FetchFailure(schema.FAILED_TO_DOWNLOAD, "connection refused", transient=True)
