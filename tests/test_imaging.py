@@ -312,3 +312,12 @@ def test_bomb_decoding_peak_memory_under_500_mb():
     front_growth = max(v[1] for v in res["front_end"].values()) - res["start"]
     proc_growth = max(v[1] for v in res["processor"].values()) - res["after_imports"]
     assert front_growth < 50 and proc_growth < 50, res
+
+
+def test_unforeseen_errors_become_failed_to_resize(monkeypatch):
+    def boom(*args):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(imaging, "_decode_upright", boom)
+    r = ImageProcessor(DownloadConfig())((TRICKY / "pillow_transparent.png").read_bytes())
+    assert (r.status, r.error_message) == (schema.FAILED_TO_RESIZE, "cannot process image: RuntimeError: decoder exploded")

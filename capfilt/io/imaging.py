@@ -453,6 +453,8 @@ class ImageProcessor:
             return self._process(data, content_type)
         except ImageFailure as f:
             return ImageResult(f.status, f.message)
+        except Exception as e:  # noqa: BLE001 - an unforeseen decoder error is still row data
+            return ImageResult(schema.FAILED_TO_RESIZE, f"cannot process image: {type(e).__name__}: {_short_error(e)}")
 
     def _process(self, data: bytes, content_type: str | None) -> ImageResult:
         c = self.cfg
