@@ -67,7 +67,7 @@ class DownloadConfig(_Strict):
     """
 
     enabled: bool = True
-    thread_count: int = Field(16, ge=1, le=512)
+    thread_count: int = Field(64, ge=1, le=1024)
     timeout: float = Field(10.0, gt=0)
     retries: int = Field(0, ge=0, le=10)
     user_agent_token: str | None = "capfilt"
