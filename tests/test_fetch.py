@@ -379,7 +379,8 @@ def test_file_urls_only_with_flag(tmp_path):
     big = fetch(url, DownloadConfig(allow_file_urls=True, max_bytes=100))
     assert big.status == schema.TOO_LARGE
     (tmp_path / "empty.jpg").write_bytes(b"")
-    assert fetch((tmp_path / "empty.jpg").as_uri(), DownloadConfig(allow_file_urls=True)).status == schema.FAILED_TO_DOWNLOAD
+    empty = fetch((tmp_path / "empty.jpg").as_uri(), DownloadConfig(allow_file_urls=True))
+    assert (empty.status, empty.error_message) == (schema.FAILED_TO_DOWNLOAD, "empty file (0 bytes)")
     missing = fetch((tmp_path / "missing.jpg").as_uri(), DownloadConfig(allow_file_urls=True))
     assert missing.status == schema.FAILED_TO_DOWNLOAD and "missing.jpg" in missing.error_message
 

@@ -320,4 +320,5 @@ def test_unforeseen_errors_become_failed_to_resize(monkeypatch):
 
     monkeypatch.setattr(imaging, "_decode_upright", boom)
     r = ImageProcessor(DownloadConfig())((TRICKY / "pillow_transparent.png").read_bytes())
-    assert (r.status, r.error_message) == (schema.FAILED_TO_RESIZE, "cannot process image: RuntimeError: decoder exploded")
+    assert r.status == schema.FAILED_TO_RESIZE
+    assert r.error_message == "cannot process image: RuntimeError: decoder exploded"

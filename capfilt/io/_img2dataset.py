@@ -36,7 +36,7 @@ def _module(name: str):
             spec = importlib.util.find_spec("img2dataset")
             if spec is None or not spec.submodule_search_locations:
                 raise ImportError("img2dataset is not installed: pip install img2dataset")
-            pkg = types.ModuleType(_ALIAS, "img2dataset's modules, loaded without its CLI (see capfilt.io._img2dataset)")
+            pkg = types.ModuleType(_ALIAS, "img2dataset's modules without its CLI (see capfilt.io._img2dataset)")
             pkg.__path__ = list(spec.submodule_search_locations)
             pkg.__package__ = _ALIAS
             sys.modules[_ALIAS] = pkg

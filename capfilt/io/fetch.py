@@ -139,7 +139,8 @@ def normalize_url(url: object, allow_file_urls: bool = False) -> str:
             ``scheme://host``, has an unsupported scheme or an invalid port/host.
     """
     if not isinstance(url, str):
-        raise FetchFailure(schema.INVALID_URL, "no URL" if url is None else f"URL is not a string ({type(url).__name__})")
+        message = "no URL" if url is None else f"URL is not a string ({type(url).__name__})"
+        raise FetchFailure(schema.INVALID_URL, message)
     raw = url.strip()
     if not raw:
         raise FetchFailure(schema.INVALID_URL, "empty URL")

@@ -254,7 +254,8 @@ def check_geometry(width: int, height: int, min_image_size: int, max_aspect_rati
     if short < min_image_size:
         raise ImageFailure(schema.TOO_SMALL, f"image is {width}x{height} px, shorter side below {min_image_size}")
     if long / short > max_aspect_ratio:
-        raise ImageFailure(schema.TOO_LARGE, f"aspect ratio {long / short:.1f} is over the limit of {max_aspect_ratio:g}")
+        raise ImageFailure(schema.TOO_LARGE,
+                           f"aspect ratio {long / short:.1f} is over the limit of {max_aspect_ratio:g}")
 
 
 def _draft_size(width: int, height: int, image_size: int, resize_mode: str) -> tuple[int, int] | None:
