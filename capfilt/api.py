@@ -179,10 +179,10 @@ def totals_from_stats(stats: list[dict]) -> dict[str, Any]:
     throughput = {}
     if seconds.get("download"):
         throughput["download"] = {"rows_per_s": rows / seconds["download"], "seconds": seconds["download"]}
-    if seconds.get("caption"):
+    if seconds.get("caption") and imgs:
         throughput["caption"] = {"images_per_s": imgs / seconds["caption"],
                                  "captions_per_s": caps / seconds["caption"], "seconds": seconds["caption"]}
-    if seconds.get("score"):
+    if seconds.get("score") and scored:
         throughput["score"] = {"texts_per_s": scored / seconds["score"],
                                "images_per_s": status.get("success", 0) / seconds["score"],
                                "seconds": seconds["score"]}
