@@ -505,3 +505,41 @@ def test_https_uses_sni_and_verifies_the_name_while_connecting_to_the_ip(tmp_pat
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_next_checked_address_is_tried_when_one_refuses(server, monkeypatch, connections):
+    """A name with an IPv6 and an IPv4 address: [::1] refuses (nothing listens there), 127.0.0.1 answers."""
+    real = socket.getaddrinfo
+
+    def fake(host, port, *args, **kwargs):
+        if host == "dual.test":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    url = f"http://dual.test:{server.port}/pillow_hopper.jpg"
+    r = fetch(url, cfg())
+    assert r.status == schema.SUCCESS and r.data == HOPPER
+    assert connections == [("::1", server.port), ("127.0.0.1", server.port)]
+    # every address is checked before the first connection: one private address blocks the name
+    blocked = fetch(url, DownloadConfig(timeout=1.0))
+    assert blocked.status == schema.BLOCKED_ADDRESS
+    assert blocked.error_message == "host dual.test (::1) is a loopback address"
+    assert len(connections) == 2
+
+
+def test_public_name_with_a_private_second_address_is_refused(monkeypatch, connections):
+    real = socket.getaddrinfo
+
+    def fake(host, port, *args, **kwargs):
+        if host == "rebind.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    r = fetch("http://rebind.test/latest/meta-data/", DownloadConfig(timeout=1.0))
+    assert (r.status, r.error_message) == (schema.BLOCKED_ADDRESS,
+                                           "host rebind.test (169.254.169.254) is a link-local address")
+    assert connections == []

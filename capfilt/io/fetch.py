@@ -244,8 +244,8 @@ def address_block_reason(address: str) -> str | None:
     return None
 
 
-def resolve_host(host: str, port: int, allow_private_network: bool = False) -> str:
-    """Resolve ``host`` and return the address to connect to, refusing non-public addresses.
+def resolve_addresses(host: str, port: int, allow_private_network: bool = False) -> list[str]:
+    """Resolve ``host`` and return the addresses to connect to, refusing non-public addresses.
 
     Every address the resolver returns is checked (a name that resolves to one public and one
     private address is refused), so a DNS answer cannot smuggle a private address in second place.
@@ -256,7 +256,7 @@ def resolve_host(host: str, port: int, allow_private_network: bool = False) -> s
         allow_private_network: skip the address check (``DownloadConfig.allow_private_network``).
 
     Returns:
-        The first resolved IP address as text.
+        The resolved IP addresses as text, in the resolver's order, without repeats (at least one).
 
     Raises:
         FetchFailure: ``blocked_address`` for a refused address (message like
@@ -268,7 +268,7 @@ def resolve_host(host: str, port: int, allow_private_network: bool = False) -> s
     except (socket.gaierror, UnicodeError, OSError) as e:
         raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"cannot resolve host {host} ({_oserror_text(e)})",
                            transient=True) from None
-    addresses = [info[4][0] for info in infos]
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not addresses:
         raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"cannot resolve host {host}", transient=True)
     if not allow_private_network:
@@ -277,7 +277,12 @@ def resolve_host(host: str, port: int, allow_private_network: bool = False) -> s
             if reason is not None:
                 shown = host if host == addr else f"{host} ({addr})"
                 raise FetchFailure(schema.BLOCKED_ADDRESS, f"host {shown} is a {reason} address")
-    return addresses[0]
+    return addresses
+
+
+def resolve_host(host: str, port: int, allow_private_network: bool = False) -> str:
+    """The first address of :func:`resolve_addresses` (same checks, same errors)."""
+    return resolve_addresses(host, port, allow_private_network)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,22 +424,14 @@ class _Watchdog:
 
 def _request(url: str, cfg, allow_private: bool, deadline: float):
     """One HTTP GET. Returns ``(body, content_type, url)`` or the ``Location`` of a redirect."""
-    from urllib3.connection import HTTPConnection, HTTPSConnection
-
     parts = urlsplit(url)
     host = parts.hostname or ""
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)
-    ip = resolve_host(host, port, allow_private)
+    addresses = resolve_addresses(host, port, allow_private)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"timed out after {cfg.timeout:.1f} s", transient=True)
-    timeout = remaining  # per socket operation; the watchdog bounds the total
-    if https:
-        conn = HTTPSConnection(ip, port, timeout=timeout, server_hostname=host, assert_hostname=host,
-                               cert_reqs="CERT_REQUIRED")
-    else:
-        conn = HTTPConnection(ip, port, timeout=timeout)
     host_header = f"[{host}]" if ":" in host else host
     if parts.port is not None and parts.port != (443 if https else 80):
         host_header += f":{parts.port}"
@@ -448,8 +445,10 @@ def _request(url: str, cfg, allow_private: bool, deadline: float):
         "Accept-Encoding": "identity",
         "Connection": "close",
     }
-    watchdog = _Watchdog(conn, remaining)
+    watchdog = _Watchdog(None, remaining)
+    conn = None
     try:
+        conn = _connect(addresses, port, https, host, deadline, watchdog, cfg.timeout)
         try:
             conn.request("GET", target, headers=headers, preload_content=False, decode_content=True)
             resp = conn.getresponse()
@@ -476,10 +475,45 @@ def _request(url: str, cfg, allow_private: bool, deadline: float):
         return body, resp.headers.get("Content-Type"), url
     finally:
         watchdog.cancel()
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+
+def _connect(addresses: list[str], port: int, https: bool, host: str, deadline: float, watchdog: "_Watchdog",
+             timeout: float):
+    """Open a connection to the first checked address that accepts one (TCP, then TLS for https).
+
+    The TCP connection goes to the IP itself; for https, SNI and the certificate check use ``host``.
+    Another address is tried only after a TCP-level failure (refused, unreachable, connect timeout).
+    """
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+    last: Exception | None = None
+    for ip in addresses:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or watchdog.fired:
+            break
+        # ``timeout`` bounds each socket operation; the watchdog bounds the whole try.
+        if https:
+            conn = HTTPSConnection(ip, port, timeout=remaining, server_hostname=host, assert_hostname=host,
+                                   cert_reqs="CERT_REQUIRED")
+        else:
+            conn = HTTPConnection(ip, port, timeout=remaining)
+        watchdog.conn = conn
         try:
+            conn.connect()
+            return conn
+        except (NewConnectionError, ConnectTimeoutError) as e:
+            last = e
             conn.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection
-            pass
+        except Exception as e:  # noqa: BLE001 - TLS and other errors end the try
+            conn.close()
+            raise _transport_failure(e, watchdog, timeout) from None
+    raise _transport_failure(last if last is not None else TimeoutError(), watchdog, timeout)
 
 
 def _read_body(resp, max_bytes: int, watchdog: _Watchdog, timeout: float) -> bytes:
@@ -549,6 +583,7 @@ def _oserror_text(e: BaseException) -> str:
 
 
 __all__ = [
-    "FetchResult", "FetchFailure", "fetch", "normalize_url", "resolve_host", "address_block_reason",
+    "FetchResult", "FetchFailure", "fetch", "normalize_url", "resolve_addresses", "resolve_host",
+    "address_block_reason",
     "is_opted_out", "user_agent",
 ]
