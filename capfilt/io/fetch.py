@@ -22,9 +22,10 @@ What one :func:`fetch` call guarantees:
   checked as their IPv4 address) unless ``allow_private_network``. The check happens before any
   connection is made, and again for every redirect hop (redirects are followed by hand, at most
   ``max_redirects``).
-- **No DNS rebinding**: the TCP connection goes to the IP address that was checked, not to the
-  host name (the ``Host`` header, TLS SNI and certificate host name check still use the name),
-  so DNS cannot answer differently between the check and the connect.
+- **No DNS rebinding**: the TCP connection goes to an IP address that was checked (each of the
+  resolver's addresses in turn until one accepts), never to the host name (the ``Host`` header,
+  TLS SNI and the certificate's host name check still use the name), so DNS cannot answer
+  differently between the check and the connect.
 - **Time**: one deadline of ``timeout`` seconds per try covers connect, request, headers and
   body. A watchdog shuts the socket down at the deadline, so a trickling or never-ending
   response is cut off on time. Not covered: the system resolver (``getaddrinfo`` cannot be
