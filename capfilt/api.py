@@ -85,10 +85,15 @@ def _versions() -> dict[str, str]:
 
 
 def _check_overlap(inputs: list[str], out: Location) -> None:
-    if not out.is_local:
+    if not out.is_local:  # object store: compare bucket/key prefixes
+        o = out.uri.rstrip("/")
         for i in inputs:
-            if i.rstrip("/") == out.uri.rstrip("/"):
+            i = i.rstrip("/")
+            if i == o:
                 raise OutputError(f"output {out.uri} is also an input; choose another --output")
+            if i.startswith(o + "/") or o.startswith(i + "/"):
+                raise OutputError(f"output {out.uri} overlaps input {i}: shards would be read back as input. "
+                                  f"Choose an --output outside the input prefix.")
         return
     outp = os.path.realpath(out.path)
     for i in inputs:
