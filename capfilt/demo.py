@@ -90,9 +90,12 @@ def run_demo(output: Path, models: str = "tiny", pipeline: str = "blip", overwri
         httpd.shutdown()
         httpd.server_close()
         shutil.rmtree(tmp, ignore_errors=True)
+    from capfilt.config import load_preset
+
+    untrained = load_preset(models).builder == "tiny"
     print_summary(result, console)
-    _print_samples(Path(output), console, noise=models == "tiny")
-    if models == "tiny":
+    _print_samples(Path(output), console, noise=untrained)
+    if untrained:
         console.print(Panel(TINY_NOTICE, title="about these captions", border_style="yellow"))
     console.print(f"next: capfilt report {output}   (HTML report)   |   capfilt inspect {output}")
     return result

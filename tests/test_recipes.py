@@ -88,3 +88,11 @@ def test_refilter_says_when_a_score_was_never_computed(tmp_path):
     with pytest.raises(ConfigError, match="no stored clip scores"):
         run(RunOptions(inputs=[str(out)], output=str(tmp_path / "re"), pipeline="refilter",
                        overrides=["select.rank_by=clip", "select.itm_threshold=null"], progress=False))
+
+
+def test_blip2_captioner_preset_runs_end_to_end(tmp_path):
+    out = tmp_path / "b2"
+    res = run_demo(out, models="tiny-blip2", pipeline="blip", progress=False)
+    assert res.record["models"]["captioner"]["kind"] == "blip2"
+    ok = [r for r in _rows(out) if r["status"] == "success"]
+    assert len(ok) == 6 and all(len(r["synthetic_captions"]) == 1 and r["synthetic_captions"][0] for r in ok)
