@@ -39,7 +39,7 @@ class InputConfig(_Strict):
     ``keep_columns`` of ``None`` passes every other input column through; a list passes only those.
     """
 
-    input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"] = "auto"
+    input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt", "coco"] = "auto"
     url_col: str | None = None
     caption_col: str | None = None
     keep_columns: list[str] | None = None

@@ -99,3 +99,15 @@ def test_passthrough_and_collisions(tmp_path):
     assert [n for _, n, _ in only[0].passthrough] == ["WIDTH"]
     with pytest.raises(InputError, match="--keep-columns"):
         inspect_inputs([str(tmp_path)], InputConfig(keep_columns=["nope"]))
+
+
+def test_coco_caption_json_one_row_per_annotation(fixtures):
+    (f,) = inspect_inputs([str(fixtures / "coco/captions_val2017.json")], InputConfig())
+    assert f.format == "coco" and f.num_rows == 395
+    t = read_rows(f, 0, 395)
+    rows = t.to_pylist()
+    assert all(r["url"].startswith("http://images.cocodataset.org/") for r in rows)
+    assert len({r["image_id"] for r in rows}) == 79
+    # real quirks survive untouched: a caption with a newline, trailing spaces
+    assert any("\n" in r["caption"] for r in rows) and any(r["caption"].endswith(" ") for r in rows)
+    assert {"image_id", "annotation_id", "file_name", "flickr_url"} <= set(t.column_names)

@@ -1,7 +1,8 @@
 """Input discovery, up-front validation and row reading (img2dataset's reader, CapFilt flavour).
 
 Formats: Parquet, CSV/TSV (with or without a header row), JSONL, plain ``.txt`` URL lists (one URL
-per line; no delimiter parsing, so URLs with commas survive). Column names follow img2dataset's
+per line; no delimiter parsing, so URLs with commas survive), and COCO caption annotation files
+(``captions_*.json``: one row per annotation, ``url`` = the image's ``coco_url``). Column names follow img2dataset's
 ``--url_col`` / ``--caption_col``; by default they are found case-insensitively (LAION's
 ``URL``/``TEXT``, img2dataset's ``url``/``caption``/``txt``).
 
@@ -110,9 +111,44 @@ def detect_format(loc: Location, input_format: str) -> str:
     if input_format != "auto":
         return input_format
     fmt = SUFFIX_FORMATS.get(_suffix(loc.path))
+    if fmt == "jsonl" and _suffix(loc.path) == ".json" and _is_coco(loc):
+        return "coco"
     if fmt is None:
         raise InputError(f"{loc.uri}: unknown input format; use --input-format parquet|csv|tsv|jsonl|txt")
     return fmt
+
+
+def _is_coco(loc: Location) -> bool:
+    """True for a COCO caption-annotation file (one JSON object with ``images`` and ``annotations``)."""
+    data = _read_bytes(loc)
+    if not data.lstrip().startswith(b"{") or b'"annotations"' not in data:
+        return False
+    try:
+        doc = json.loads(data)
+    except ValueError:  # several JSON objects: JSON Lines
+        return False
+    return isinstance(doc, dict) and "images" in doc and "annotations" in doc
+
+
+def _coco_table(uri: str, data: bytes) -> pa.Table:
+    """COCO captions JSON -> one row per annotation: url (coco_url), caption, image_id, annotation_id,
+    file_name, flickr_url (COCO's ``captions_*.json`` format, cocodataset.org/#format-data)."""
+    try:
+        doc = json.loads(data)
+        images = {im["id"]: im for im in doc["images"]}
+        anns = doc["annotations"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{uri}: not a COCO caption file ({e}); expected {{'images': [...], 'annotations': "
+                         f"[...]}}") from None
+    rows = []
+    for a in anns:
+        im = images.get(a.get("image_id"), {})
+        rows.append({"url": im.get("coco_url") or im.get("flickr_url"), "caption": a.get("caption"),
+                     "image_id": a.get("image_id"), "annotation_id": a.get("id"),
+                     "file_name": im.get("file_name"), "flickr_url": im.get("flickr_url")})
+    schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("image_id", pa.int64()),
+                        ("annotation_id", pa.int64()), ("file_name", pa.string()), ("flickr_url", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def _read_bytes(loc: Location) -> bytes:
@@ -129,6 +165,8 @@ def _read_text_table(uri: str, fmt: str, has_header: bool) -> pa.Table:
         lines = data.decode("utf-8", errors="replace").splitlines()
         urls = [ln.strip() for ln in lines if ln.strip()]
         return pa.table({"url": pa.array(urls, pa.string())})
+    if fmt == "coco":
+        return _coco_table(uri, data)
     if fmt == "jsonl":
         rows = []
         for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines()):
