@@ -83,8 +83,47 @@ def _task_fn(stage: Stage):
     return fn
 
 
+#: Environment variables that every Ray worker of a run must see as the driver does: model caches
+#: and offline mode, and object-storage credentials/endpoints from "the usual environment" (AWS
+#: SDK variables; ``GOOGLE_APPLICATION_CREDENTIALS`` names a file that must exist on every node).
+#: They travel in the job's runtime environment, which Ray stores in its GCS and shows in the
+#: dashboard: on shared clusters prefer node-level credentials (instance roles, Kubernetes
+#: service accounts, a mounted secret) and leave these unset in the driver.
+FORWARDED_ENV = ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE", "HF_HOME", "HF_TOKEN", "CAPFILT_CACHE",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                 "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The :data:`FORWARDED_ENV` variables set in this process (name -> value)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """``env_vars`` of the runtime env that ``ray job submit`` gave this driver (empty outside a job).
+
+    Ray refuses ``ray.init(runtime_env=...)`` in a submitted job when it repeats one of the job's
+    env var names (``_merge_runtime_env`` treats it as a conflict), so those are not passed again.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        import json
+
+        env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return dict(env)
+
+
 def init_ray(address: str | None) -> dict:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray sized to this machine.
+
+    Inside ``ray job submit`` the job's own ``RAY_ADDRESS`` is used. The :data:`FORWARDED_ENV`
+    variables of this process go into the job's runtime env (except those the submitted job
+    already sets), so workers on every node see them.
 
     Returns:
         ``ray.cluster_resources()`` (``{"CPU": 2.0, "GPU": ..., ...}``).
@@ -96,10 +135,8 @@ def init_ray(address: str | None) -> dict:
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
-        env_vars = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE", "CAPFILT_CACHE",
-                                               "HF_HOME", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                               "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION")
-                    if k in os.environ}
+        job_env = _job_env_vars()
+        env_vars = {k: v for k, v in forwarded_env().items() if k not in job_env}
         kwargs = dict(ignore_reinit_error=True, include_dashboard=False, logging_level=logging.WARNING,
                       runtime_env={"env_vars": env_vars} if env_vars else None)
         if address:
@@ -109,33 +146,95 @@ def init_ray(address: str | None) -> dict:
     return ray.cluster_resources()
 
 
-def check_resources(plans: list[StagePlan], cluster: dict) -> None:
-    """Refuse stage resources the cluster cannot provide.
+def _stage_env() -> dict[str, str]:
+    """Forwarded variables that the current Ray job's runtime env lacks or holds with another value.
+
+    Empty when ``init_ray`` started or joined Ray in this process. Not empty when Ray was already
+    initialised (by the caller, or an earlier run in the same process) before, say,
+    ``AWS_ENDPOINT_URL`` was set: the stages then carry these variables in their own runtime env.
+    """
+    import ray
+
+    have = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    return {k: v for k, v in forwarded_env().items() if have.get(k) != v}
+
+
+def cluster_shapes() -> tuple[dict[str, float], list[dict[str, float]]]:
+    """What the connected cluster can offer: totals and the resources of each node (or node type).
+
+    Totals are the larger of the resources alive now and the autoscaler's maximum (from the
+    cluster config a KubeRay/cluster-launcher autoscaler publishes; private Ray API, so any
+    failure to read it just means "no autoscaler"). Node shapes are the alive nodes plus the
+    autoscaler's node types, so a GPU worker group scaled to zero still counts.
+    """
+    import ray
+
+    totals = {k: float(v) for k, v in ray.cluster_resources().items()}
+    shapes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in ray.nodes() if n.get("Alive")]
+    try:
+        from ray._private.state import state
+
+        maxima = state.get_max_resources_from_cluster_config() or {}
+        config = state.get_cluster_config()
+        groups = list(config.node_group_configs) if config is not None else []
+    except Exception:  # noqa: BLE001 - version-sensitive private API: treat as no autoscaler
+        maxima, groups = {}, []
+    for k, v in maxima.items():
+        totals[k] = max(totals.get(k, 0.0), float(v))
+    for g in groups:
+        if g.max_count != 0:
+            shapes.append({k: float(v) for k, v in g.resources.items()})
+    return totals, shapes
+
+
+def _min_workers(r: StageResources) -> int:
+    if isinstance(r.concurrency, int):
+        return r.concurrency
+    return r.concurrency[0] if r.concurrency else 1
+
+
+def check_resources(plans: list[StagePlan], cluster: dict, nodes: list[dict] | None = None) -> None:
+    """Refuse stage resources the cluster cannot provide, before any work starts.
+
+    Args:
+        plans: the stages and their :class:`capfilt.config.StageResources`.
+        cluster: total resources (``{"CPU": 8.0, "GPU": 2.0}``), e.g. from :func:`cluster_shapes`.
+        nodes: resources of each node or node type; when given, one task/actor of each stage must
+            fit on a single node (4 GPUs spread over four 1-GPU nodes do not run a 2-GPU actor).
 
     Raises:
         ResourceError: naming the stage, the resource asked for and what the cluster has.
     """
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     for p in plans:
-        r = p.resources
-        n = r.concurrency if isinstance(r.concurrency, int) else (r.concurrency[0] if r.concurrency else 1)
+        r, name = p.resources, p.stage.name
+        n = _min_workers(r)
         if r.num_gpus * n > gpus:
-            raise ResourceError(f"stage {p.stage.name!r} asks for {r.num_gpus:g} GPU(s) x {n} worker(s), but the "
-                                f"Ray cluster has {gpus:g} GPU(s). Set resources.{p.stage.name}.num_gpus=0 (CPU) "
+            raise ResourceError(f"stage {name!r} asks for {r.num_gpus:g} GPU(s) x {n} worker(s), but the "
+                                f"Ray cluster has {gpus:g} GPU(s). Set resources.{name}.num_gpus=0 (CPU) "
                                 f"or run on a cluster with GPUs.")
         if r.num_cpus * n > cpus:
-            raise ResourceError(f"stage {p.stage.name!r} asks for {r.num_cpus:g} CPU(s) x {n} worker(s), but the "
-                                f"Ray cluster has {cpus:g} CPU(s). Lower resources.{p.stage.name}.num_cpus.")
-    actor_cpus = sum(p.resources.num_cpus * (p.resources.concurrency if isinstance(p.resources.concurrency, int)
-                                             else (p.resources.concurrency or (1, 1))[0])
-                     for p in plans if p.stage.uses_model)
+            raise ResourceError(f"stage {name!r} asks for {r.num_cpus:g} CPU(s) x {n} worker(s), but the "
+                                f"Ray cluster has {cpus:g} CPU(s). Lower resources.{name}.num_cpus.")
+        if nodes:
+            fits = [s for s in nodes if s.get("GPU", 0.0) >= r.num_gpus and s.get("CPU", 0.0) >= r.num_cpus]
+            if not fits:
+                most_gpu = max(s.get("GPU", 0.0) for s in nodes)
+                most_cpu = max(s.get("CPU", 0.0) for s in nodes)
+                raise ResourceError(f"stage {name!r} asks for {r.num_cpus:g} CPU(s) and {r.num_gpus:g} GPU(s) per "
+                                    f"worker, but no node of the Ray cluster has that much (largest: "
+                                    f"{most_cpu:g} CPU(s), {most_gpu:g} GPU(s)). Lower resources.{name}.num_gpus "
+                                    f"or resources.{name}.num_cpus.")
+    actor_cpus = sum(p.resources.num_cpus * _min_workers(p.resources) for p in plans if p.stage.uses_model)
     task_cpus = max((p.resources.num_cpus for p in plans if not p.stage.uses_model), default=0)
     if actor_cpus + task_cpus > cpus:
         raise ResourceError(f"model stages reserve {actor_cpus:g} CPU(s) and tasks need {task_cpus:g} more, but the "
                             f"cluster has {cpus:g}: the pipeline would stall. Lower resources.<stage>.num_cpus.")
 
 
-def _pool_size(r: StageResources, cluster: dict) -> tuple[int, int]:
+def _pool_size(r: StageResources, cluster: dict, single: bool = False) -> tuple[int, int]:
+    if single:  # run-wide state (dedup): exactly one actor
+        return 1, 1
     if isinstance(r.concurrency, int):
         return r.concurrency, r.concurrency
     if r.concurrency is not None:
@@ -162,10 +261,11 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
     Raises:
         ResourceError: stage resources that the cluster cannot provide.
     """
-    cluster = init_ray(address)
-    check_resources(plans, cluster)
+    init_ray(address)
+    cluster, nodes = cluster_shapes()
+    check_resources(plans, cluster, nodes)
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
@@ -176,18 +276,27 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
         return
     # one block per shard spec, built in the driver (no remote metadata tasks)
     ds = ray.data.from_items(specs.to_pylist(), override_num_blocks=specs.num_rows)
+    env = _stage_env()
     for p in plans:
         r = p.resources
         common = dict(batch_size=None if p.stage.name != "read" else 1, batch_format="pyarrow",
                       zero_copy_batch=True, num_cpus=r.num_cpus)
         if r.num_gpus:
             common["num_gpus"] = r.num_gpus
+        if env:
+            common["runtime_env"] = {"env_vars": env}
         if p.stage.uses_model:
-            lo, hi = _pool_size(r, cluster)
-            # Ray Data restarts dead actors and retries their tasks by default (max_restarts=-1)
+            lo, hi = _pool_size(r, cluster, getattr(p.stage, "single_actor", False))
+            hi = min(hi, specs.num_rows)  # never more actors than shards (autoscaler maxima can be huge)
+            lo = min(lo, hi)
+            # Ray Data restarts dead actors and retries their tasks by default (max_restarts=-1,
+            # max_task_retries=-1); tasks are retried after a lost worker too (max_retries=-1).
             ds = ds.map_batches(_actor_class(p.stage), compute=ActorPoolStrategy(min_size=lo, max_size=hi),
                                 **common)
         else:
+            if r.concurrency is not None:  # a cap on parallel tasks; a [min, max] range caps at max
+                size = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[1]
+                common["compute"] = TaskPoolStrategy(size=size)
             # max_calls=0 (unlimited worker reuse, Ray's default for CPU tasks) is set explicitly so that
             # Ray Data never fuses a task stage into the next model actor: downloads must scale on
             # their own, not inside the captioner's actor pool.

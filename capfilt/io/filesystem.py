@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from dataclasses import dataclass
 
@@ -39,12 +40,31 @@ class Location:
         return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
 
 
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str | None:
+    """The AWS region of ``bucket`` (one HeadBucket request per process), or ``None`` if unknown.
+
+    pyarrow's ``S3FileSystem()`` does not look the region up itself (``FileSystem.from_uri``
+    does), and a wrong region fails every request with a redirect; unknown (no network, no
+    permission) leaves pyarrow's default (``~/.aws/config`` or ``us-east-1``).
+    """
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except (OSError, ValueError):
+        return None
+
+
 def locate(uri: str) -> Location:
     """Turn a local path or a URI into a :class:`Location`.
 
     Local paths are made absolute. ``s3://bucket/key`` uses pyarrow's S3 filesystem with the usual
-    AWS credential chain and ``AWS_ENDPOINT_URL`` (for S3-compatible servers); other schemes go
-    through pyarrow's fsspec bridge when pyarrow has no native filesystem for them.
+    AWS credential chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
+    ``~/.aws``, instance or pod roles), ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` for
+    S3-compatible servers (MinIO, Ceph, R2; ``http://`` endpoints switch to plain HTTP) and
+    ``AWS_REGION``/``AWS_DEFAULT_REGION``, else the bucket's own region looked up once. ``gs://``
+    and others use pyarrow's native filesystems, or fsspec's (e.g. ``gcsfs``) through pyarrow's
+    bridge. Credentials never come from the recipe. The same URI is located again inside each Ray
+    worker, so workers need the same environment (see :data:`capfilt.runner.FORWARDED_ENV`).
 
     Raises:
         ValueError: if the URI's scheme has no filesystem (message names the URI).
@@ -66,6 +86,8 @@ def locate(uri: str) -> Location:
             if endpoint.startswith("http://"):
                 kwargs["scheme"] = "http"
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not region and not endpoint:
+            region = _bucket_region(uri[len("s3://"):].split("/", 1)[0])
         if region:
             kwargs["region"] = region
         fs = pafs.S3FileSystem(**kwargs)

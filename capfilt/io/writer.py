@@ -10,6 +10,13 @@ layout) so that ``pd.read_parquet(OUT)``, ``pq.read_table(OUT)`` and HF ``datase
 output folder directly: they skip ``_``-prefixed names. ``<name>`` is ``SSSSS`` (shard id) for a shard's first part, or
 ``SSSSS-OOOOOO`` when a part starts at row offset ``O`` of the shard (a resumed partial shard, or
 a block Ray split).
+
+On object stores (``s3://``, ``gs://``) there is no rename: pyarrow's ``move`` is a server-side
+copy followed by a delete of the temporary object. A crash between the two leaves a shard object
+without its stats object (plus a temporary object); resume treats both as leftovers, deletes them
+and redoes those rows, so the stats-last rule keeps resume correct without an atomic rename.
+Each object (shard, stats) appears whole or not at all, since S3 and GCS publish an upload only
+when it completes. Retried Ray tasks rewrite the same part names, so a retry never duplicates rows.
 """
 
 from __future__ import annotations
