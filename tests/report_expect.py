@@ -81,7 +81,10 @@ def _texts(texts: list[str], dup: bool, rows: list[int] | None = None) -> dict[s
         d.update(distinct=len(occ), in_duplicate_groups=in_dup)
         if n:
             d["duplicate_share"] = in_dup / n
-        top = sorted(occ.items(), key=lambda kv: (-kv[1], kv[0]))[:15]
+        first = {}
+        for i, t in enumerate(texts):
+            first.setdefault(t, i)
+        top = sorted(occ.items(), key=lambda kv: (-kv[1], first[kv[0]]))[:15]  # ties: first seen first
         d["most_frequent"] = [{"count": c, "images": len(by_text[t])} for t, c in top]
         d["_most_frequent_texts"] = [t for t, _ in top]
     return d
@@ -125,7 +128,12 @@ def expected_report(out: Path, data: dict[str, Any]) -> dict[str, Any]:
     """Every number of the report of ``out``, computed directly; sample rows as chosen by ``data``."""
     files = sorted(p for p in out.rglob("*.parquet")
                    if not any(part.startswith(("_", ".")) for part in p.relative_to(out).parts))
-    complete = [p for p in files if p.with_suffix(".stats.json").exists() or Path(str(p) + ".stats.json").exists()]
+    def committed(p: Path) -> bool:
+        stem = p.relative_to(out).with_suffix("")
+        return any(c.exists() for c in (out / "_stats" / f"{stem}.stats.json", out / f"{stem}.stats.json",
+                                        Path(f"{p}.stats.json")))
+
+    complete = [p for p in files if committed(p)]
     run_path = out / "_capfilt" / "run.json"
     run = json.loads(run_path.read_text()) if run_path.exists() else {}
     cfg = run.get("config") or {}

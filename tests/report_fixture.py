@@ -6,7 +6,7 @@ real COCO captions of the same image (plus a few known BLIP failures: back-to-ba
 one generic caption shared by many images), scores come from a seeded RNG, and the select step
 follows the recipe (BLIP: ITM >= threshold on every text; BLIP-2: top-k by CLIP). Shards are cast
 with :func:`capfilt.schema.output_schema` / :func:`capfilt.schema.conform`, each followed by its
-``<stem>.stats.json``, and ``_capfilt/run.json`` holds the resolved recipe and the ``tiny`` preset.
+``<stem>.stats.json`` where the writer puts it, and ``_capfilt/run.json`` holds the resolved recipe and the ``tiny`` preset.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ from PIL import Image
 
 from capfilt import schema
 from capfilt.config import load_pipeline, load_preset
+from capfilt.io import writer
+
+#: Where the writer puts shard stats (``OUT/_stats/`` now; beside the shards in older layouts).
+STATS_DIR = getattr(writer, "STATS_DIR", None)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 COCO = FIXTURES / "coco"
@@ -83,7 +87,7 @@ def _variant(item: dict, rng: np.random.Generator) -> tuple[bytes, int, int]:
 
 def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Literal["blip", "blip2", "download"] = "blip",
                 seed: int = 0, incomplete_shards: int = 0, run_json: Literal["full", "partial", "none"] = "full",
-                models: str = "tiny", unique_images: bool = False) -> Path:
+                models: str = "tiny", unique_images: bool = False, row_group_rows: int | None = None) -> Path:
     """Write a capfilt output with ``rows`` rows into ``out``.
 
     Args:
@@ -96,6 +100,7 @@ def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Li
         unique_images: give every row its own image bytes (a random 70-100 % crop of the COCO photo,
             resized to 384 px on the longer side, JPEG q90), as a real run stores distinct images;
             otherwise the 79 thumbnails repeat (and Parquet's dictionary encoding dedups them).
+        row_group_rows: rows per Parquet row group (default: half a shard, so readers meet several).
 
     Returns:
         ``out``.
@@ -174,10 +179,12 @@ def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Li
         part = records[s * rows_per_shard:(s + 1) * rows_per_shard]
         table = schema.conform(pa.Table.from_pylist(part, schema=_nullable(out_schema)), out_schema)
         path = out / f"{s:05d}.parquet"
-        pq.write_table(table, path, compression="zstd", row_group_size=max(1, rows_per_shard // 2))
+        pq.write_table(table, path, compression="zstd", row_group_size=row_group_rows or max(1, rows_per_shard // 2))
         if s < n_shards - incomplete_shards:
             stats = {"rows": len(part), "successes": sum(r["status"] == schema.SUCCESS for r in part)}
-            (out / f"{s:05d}.stats.json").write_text(json.dumps(stats))
+            stats_dir = out / STATS_DIR if STATS_DIR else out
+            stats_dir.mkdir(exist_ok=True)
+            (stats_dir / f"{s:05d}.stats.json").write_text(json.dumps(stats))
 
     if run_json != "none":
         rec: dict = {"run_id": "fixture-run", "config": config_json,

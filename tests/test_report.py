@@ -210,3 +210,16 @@ def test_cli_report_and_inspect(tmp_path):
     r = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "not a capfilt output folder" in r.output
     shutil.rmtree(out)
+
+
+def test_most_frequent_texts_found_in_a_second_pass(tmp_path, monkeypatch):
+    """Beyond the text cache only hashes are kept; the top texts are read back from the shards."""
+    from capfilt.report.accumulate import TextStats
+
+    monkeypatch.setattr(TextStats, "TEXT_CACHE", 2)
+    out = make_output(tmp_path / "out", rows=80, rows_per_shard=20, recipe="blip2", seed=6)
+    data, html = _report(out, tmp_path, samples=4)
+    check_report(out, data, samples=4)  # texts included, in order
+    top = data["captions"]["synthetic"]["most_frequent"]
+    assert len(top) == 15 and all(m["text"] for m in top)
+    assert top[0]["text"] in html

@@ -2,7 +2,7 @@
 
 Each one takes numpy arrays or Python texts batch by batch and gives the same result as a single
 computation over all rows (checked by tests/report_expect.py), in memory bounded by its bins / k,
-except :class:`TextStats` with duplicate tracking, which keeps one counter entry per distinct text.
+except :class:`TextStats` with duplicate tracking, which keeps 8 bytes per caption (a hash).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import math
 import re
-from collections import Counter
+from array import array
 from collections.abc import Iterable
 from typing import Any
 
@@ -93,7 +93,17 @@ class ScoreHist:
 
 
 class TextStats:
-    """Word-length histogram, back-to-back repetition and (optionally) exact-duplicate tracking."""
+    """Word-length histogram, back-to-back repetition and (optionally) exact-duplicate tracking.
+
+    Duplicates are counted on 64-bit hashes of the texts (Python's ``hash`` of ``str``, stable
+    within one process) kept in flat ``array('q')`` buffers: 8 bytes per caption plus 8 per
+    distinct (text, image) pair, instead of a dict entry per distinct text. The texts of the most
+    frequent hashes are remembered while few distinct texts have been seen (``TEXT_CACHE``);
+    beyond that the caller resolves them with :meth:`missing_texts` / :meth:`learn` in a second
+    pass over the caption column.
+    """
+
+    TEXT_CACHE = 50_000
 
     def __init__(self, track_duplicates: bool) -> None:
         self.lengths = np.zeros(MAX_WORDS + 1, np.int64)
@@ -102,11 +112,14 @@ class TextStats:
         self.repetitive = 0
         self.examples: list[str] = []
         self.track = track_duplicates
-        self.occurrences: Counter[str] = Counter()
-        self.images: Counter[str] = Counter()
+        self._occ = array("q")  # hash of every text, in reading order
+        self._img = array("q")  # hash of every distinct text of each image
+        self._texts: dict[int, str] = {}
+        self._dups: dict[str, Any] | None = None
 
     def add_row(self, texts: Iterable[str]) -> None:
-        seen = set()
+        """Add the texts of one image (row)."""
+        seen: set[int] = set()
         for t in texts:
             n = word_count(t)
             self.lengths[min(n, MAX_WORDS)] += 1
@@ -117,12 +130,45 @@ class TextStats:
                 if len(self.examples) < REPETITIVE_EXAMPLES and t not in self.examples:
                     self.examples.append(t)
             if self.track:
-                self.occurrences[t] += 1
-                if t not in seen:
-                    seen.add(t)
-                    self.images[t] += 1
+                h = hash(t)
+                self._occ.append(h)
+                if h not in seen:
+                    seen.add(h)
+                    self._img.append(h)
+                if len(self._texts) < self.TEXT_CACHE:
+                    self._texts.setdefault(h, t)
+
+    def _duplicates(self) -> dict[str, Any]:
+        """Distinct texts, occurrences in texts shared by >= 2 images, and the top hashes
+        ordered by (count desc, first appearance)."""
+        if self._dups is None:
+            occ = np.frombuffer(self._occ, dtype=np.int64) if len(self._occ) else np.zeros(0, np.int64)
+            img = np.frombuffer(self._img, dtype=np.int64) if len(self._img) else np.zeros(0, np.int64)
+            uniq, first, counts = np.unique(occ, return_index=True, return_counts=True)
+            img_uniq, img_counts = np.unique(img, return_counts=True)
+            images = img_counts[np.searchsorted(img_uniq, uniq)] if uniq.size else np.zeros(0, np.int64)
+            order = np.lexsort((first, -counts))[:TOP_CAPTIONS]
+            self._dups = {"distinct": int(uniq.size), "in_dup": int(counts[images >= 2].sum()),
+                          "top": [(int(uniq[i]), int(counts[i]), int(images[i])) for i in order]}
+        return self._dups
+
+    def missing_texts(self) -> set[int]:
+        """Hashes of the most frequent texts whose text is not known yet (empty when all are)."""
+        if not self.track:
+            return set()
+        return {h for h, _, _ in self._duplicates()["top"] if h not in self._texts}
+
+    def learn(self, texts: Iterable[str], missing: set[int]) -> None:
+        """Second pass: remember each text whose hash is in ``missing`` (removed from it once known)."""
+        for t in texts:
+            h = hash(t)
+            if h in missing:
+                self._texts[h] = t
+                missing.discard(h)
 
     def as_dict(self) -> dict[str, Any]:
+        """Counts, mean words, length histogram, repetition; with tracking also ``distinct``,
+        ``in_duplicate_groups``, ``duplicate_share`` and ``most_frequent`` texts."""
         d: dict[str, Any] = {
             "count": self.count,
             "mean_words": self.words / self.count if self.count else None,
@@ -132,12 +178,11 @@ class TextStats:
             "repetitive_examples": list(self.examples),
         }
         if self.track:
-            dup = sum(c for t, c in self.occurrences.items() if self.images[t] >= 2)
-            d["distinct"] = len(self.occurrences)
-            d["in_duplicate_groups"] = dup
-            d["duplicate_share"] = dup / self.count if self.count else None
-            top = sorted(self.occurrences.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CAPTIONS]
-            d["most_frequent"] = [{"text": t, "count": c, "images": self.images[t]} for t, c in top]
+            dups = self._duplicates()
+            d["distinct"] = dups["distinct"]
+            d["in_duplicate_groups"] = dups["in_dup"]
+            d["duplicate_share"] = dups["in_dup"] / self.count if self.count else None
+            d["most_frequent"] = [{"text": self._texts.get(h), "count": c, "images": n} for h, c, n in dups["top"]]
         return d
 
 

@@ -68,7 +68,7 @@ pre{background:#f1f5f9;border-radius:6px;padding:10px;overflow:auto;font-size:12
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:14px}
 .card{border:1px solid var(--line);border-radius:8px;overflow:hidden;background:#fff;display:flex;flex-direction:column}
 .card .img{background:#0f172a;display:flex;align-items:center;justify-content:center;height:190px}
-.card .img img{max-width:100%;max-height:190px;display:block}
+.card .img img{width:100%;height:190px;object-fit:contain;display:block}
 .card .img .noimg{color:#94a3b8;font-size:12px}
 .card .body{padding:8px 10px 10px;font-size:12.5px}
 .card .meta{color:var(--muted);font-size:11.5px;margin-bottom:4px;display:flex;flex-wrap:wrap;gap:4px 8px;align-items:center}
@@ -249,8 +249,8 @@ def _section_overview(data: dict[str, Any], plots: dict[str, bytes]) -> str:
         cfg = run.get("config") or {}
         if cfg:
             info.append(["recipe", cfg.get("name", "?")])
-            if cfg.get("models"):
-                info.append(["model preset", cfg.get("models")])
+        if run.get("preset"):
+            info.append(["model preset", run["preset"]])
         for role, mid in (run.get("model_ids") or {}).items():
             info.append([f"{role} model", mid])
         for label, k in (("run id", "run_id"), ("run status", "status"), ("input rows", "input_rows"),
@@ -261,14 +261,16 @@ def _section_overview(data: dict[str, Any], plots: dict[str, bytes]) -> str:
             info.append(["missing from run.json", ", ".join(run["missing_keys"])])
         for k, v in _flatten(run.get("versions") or {}):
             info.append([k, v])
+        stages = run.get("stages")
         for section in ("timings", "totals"):
             for k, v in _flatten(run.get(section) or {}):
+                if stages and k.startswith(("throughput.", "stage_seconds.")):
+                    continue  # shown in the throughput table below
                 timing.append([f"{section}.{k}", _num(v) if isinstance(v, (int, float)) else v])
         left = _table(["recipe, models, versions", ""], info, cls="kv")
         right = _table(["timings and totals", ""], timing, cls="kv") if timing else \
             '<p class="unavailable">No timings or totals in run.json (interrupted run?).</p>'
         parts.append(f'<div class="row"><div>{left}</div><div>{right}</div></div>')
-        stages = run.get("stages")
         if isinstance(stages, dict) and stages:
             parts.append("<h3>Throughput per stage</h3>")
             if all(isinstance(v, dict) for v in stages.values()):
@@ -336,7 +338,10 @@ def _section_filter(data: dict[str, Any], plots: dict[str, bytes]) -> str:
              f"top-k). Decisions use <strong>{_e(filt['primary_scorer'])}</strong>"
              + (f"; thresholds: {_e(', '.join(f'{k} ≥ {v:g}' for k, v in thr.items()))}" if thr else "; no threshold set")
              + ". For reference, BLIP (Li et al. 2022, §4.3, Table 3) reports a noise ratio of 25 % for synthetic "
-             "captions from nucleus sampling (19 % with beam search), on web images with a finetuned filter.</p>"]
+             "captions from nucleus sampling (19 % with beam search), on web images with a finetuned filter."
+             + (f" With top-{filt['top_k']} ranking (BLIP-2 §3.4) at most {filt['top_k']} texts per image survive, so "
+                "most candidates are removed by design; the share of web captions in the top-k is the telling number."
+                if filt.get("top_k") is not None else "") + "</p>"]
     figs = [(s, plots[f"score_{s}"]) for s in filt["scores"] if f"score_{s}" in plots]
     cells = [f"<div>{_img(png, f'{s} score histogram', 'plot', f'score_{s}')}</div>" for s, png in figs]
     parts.append(f'<div class="row">{"".join(cells)}</div>')

@@ -42,7 +42,7 @@ def overview_table(data: dict[str, Any]) -> Table:
             t.add_row(f"{which} texts removed", f"{r['removed']:,} of {r['scored']:,}", _pct(r["removed"], r["scored"]))
     cfg = run.get("config") or {}
     if cfg:
-        t.add_row("recipe", str(cfg.get("name", "?")), str(cfg.get("models") or ""))
+        t.add_row("recipe", str(cfg.get("name", "?")), f"models: {run.get('preset') or '?'}")
     for role, mid in (run.get("model_ids") or {}).items():
         t.add_row(f"{role} model", mid, "")
     if run.get("status"):

@@ -33,16 +33,29 @@ class ShardFile:
     complete: bool
 
 
-def stats_sidecars(path: str) -> tuple[str, str]:
-    """Where a shard's stats file may be: ``<stem>.stats.json`` or ``<name>.stats.json``."""
-    stem = path[: -len(".parquet")] if path.endswith(".parquet") else path
-    return stem + ".stats.json", path + ".stats.json"
+#: Folder (relative to OUT) where the writer keeps shard stats (:mod:`capfilt.io.writer`), so that
+#: readers of the output folder (pandas, ``pq.read_table(OUT)``, HF datasets) skip them.
+STATS_DIR = "_stats"
+STATS_SUFFIX = ".stats.json"
+
+
+def stats_candidates(out_path: str, rel: str) -> tuple[str, ...]:
+    """Where the stats file of shard ``rel`` (relative to the output folder) may be.
+
+    ``OUT/_stats/<stem>.stats.json`` (current writer), or beside the shard as
+    ``<stem>.stats.json`` / ``<name>.stats.json`` (img2dataset-style layouts).
+    """
+    stem = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
+    return (posixpath.join(out_path, STATS_DIR, stem + STATS_SUFFIX),
+            posixpath.join(out_path, stem + STATS_SUFFIX),
+            posixpath.join(out_path, rel + STATS_SUFFIX))
 
 
 def find_shards(out: Location) -> list[ShardFile]:
     """List ``*.parquet`` files under ``out`` (recursively), skipping ``_``/``.``-prefixed parts.
 
-    A shard is ``complete`` when one of :func:`stats_sidecars` exists (the writer writes it last).
+    A shard is ``complete`` when its stats file exists (:func:`stats_candidates`; the writer
+    writes it last).
 
     Returns:
         Shards sorted by name.
@@ -63,7 +76,7 @@ def find_shards(out: Location) -> list[ShardFile]:
         rel = posixpath.relpath(p, out.path)
         if any(part.startswith(("_", ".")) for part in rel.split("/")):
             continue
-        complete = any(s in files for s in stats_sidecars(p))
+        complete = any(c in files for c in stats_candidates(out.path, rel))
         shards.append(ShardFile(rel, p, int(i.size or 0), complete))
     return sorted(shards, key=lambda s: s.name)
 
@@ -129,6 +142,15 @@ def uses_tiny_models(record: dict[str, Any] | None) -> bool:
     return any(isinstance(h, str) and (h == "tiny" or h.endswith("/tiny.yaml")) for h in hits)
 
 
+def preset_name(record: dict[str, Any] | None) -> str | None:
+    """The model preset the run used: ``models.name`` (what was loaded), else the recipe's ``config.models``."""
+    models = (record or {}).get("models")
+    if isinstance(models, dict) and isinstance(models.get("name"), str):
+        return models["name"]
+    default = config_get(record, "models")
+    return default if isinstance(default, str) else None
+
+
 def config_get(record: dict[str, Any] | None, *path: str) -> Any:
     """``record["config"][path[0]][path[1]]...`` or None where any level is missing."""
     node: Any = (record or {}).get("config")
@@ -146,6 +168,7 @@ def run_section(record: dict[str, Any] | None) -> dict[str, Any]:
         "present": record is not None,
         "missing_keys": [k for k in RUN_KEYS if not rec.get(k)],
         "tiny_models": uses_tiny_models(record),
+        "preset": preset_name(record),
         "model_ids": model_names(record),
         **{k: rec.get(k) for k in RUN_KEYS},
         "run_id": rec.get("run_id"),

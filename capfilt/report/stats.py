@@ -252,6 +252,25 @@ class Scan:
                 if texts:
                     self.syn_text.add_row(x for x in texts if x is not None)
 
+    def resolve_texts(self, shards: list[ShardFile], loc: Location) -> None:
+        """Second pass over ``synthetic_captions`` only, for the most frequent texts not cached in
+        pass 1 (outputs with many distinct captions); stops as soon as all are found."""
+        missing = self.syn_text.missing_texts()
+        for shard in shards:
+            if not missing:
+                return
+            try:
+                pf = pq.ParquetFile(shard.path, filesystem=loc.fs)
+                if "synthetic_captions" not in pf.schema_arrow.names:
+                    continue
+                for rb in _iter_batches(pf, ["synthetic_captions"]):
+                    flat = pc.list_flatten(rb.column("synthetic_captions")).drop_null()
+                    self.syn_text.learn(flat.to_pylist(), missing)
+                    if not missing:
+                        return
+            except (OSError, pa.ArrowException):
+                continue  # already reported by pass 1
+
     # ------------------------------------------------------------------ results
     @property
     def selected(self) -> bool:
@@ -346,6 +365,7 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
     scan = Scan(record, samples, seed, borderline)
     for i, shard in enumerate(complete):
         scan.add_shard(i, shard, loc)
+    scan.resolve_texts(complete, loc)
     warnings += scan.warnings
     input_rows = (record or {}).get("input_rows")
     if isinstance(input_rows, int) and not isinstance(input_rows, bool) and scan.rows < input_rows:
