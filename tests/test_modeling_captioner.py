@@ -102,6 +102,23 @@ def test_deterministic_across_calls_and_seed_sensitive(captioner, images):
         captioner.generate(images[:2], [1], cfg)
 
 
+def test_image_keys_values_projected_once_per_image(captioner, images):
+    """The cross-attention K/V of an image are computed once, not once per caption; same captions."""
+    key = captioner.model.text_decoder.bert.encoder.layer[0].crossattention.self.key
+    rows: list[int] = []
+    handle = key.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    cfg = CaptionConfig(num_captions=5, batch_size=4)
+    try:
+        shared = captioner.generate(images[:3], SEEDS[:3], cfg)
+        assert rows == [3]
+        rows.clear()
+        plain = BlipCaptioner(captioner.model, captioner.processor, share_cross_kv=False)
+        assert plain.generate(images[:3], SEEDS[:3], cfg) == shared
+        assert rows == [15]  # what generate does alone: one projection per returned sequence
+    finally:
+        handle.remove()
+
+
 def test_per_row_sampler_forces_one_token_per_row():
     torch.manual_seed(0)
     scores = torch.randn(4, 50)
