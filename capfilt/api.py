@@ -331,6 +331,10 @@ def run(opts: RunOptions) -> RunResult:
             from capfilt.stages.download import DownloadStage
 
             plans.append(StagePlan(DownloadStage(cfg.download), res.download))
+        if cfg.dedup.enabled:
+            from capfilt.stages.dedup import DedupStage
+
+            plans.append(StagePlan(DedupStage(cfg.dedup, out.uri, tuple(p.parquet for p in parts)), res.dedup))
         if cfg.caption.enabled:
             from capfilt.stages.caption import CaptionStage
 

@@ -164,6 +164,19 @@ class SelectConfig(_Strict):
         return set(self.thresholds()) | {self.rank_by}
 
 
+class DedupConfig(_Strict):
+    """Optional duplicate marking after download (see :mod:`capfilt.stages.dedup`).
+
+    ``exact``: same stored image bytes (sha256). ``near``: perceptual-embedding cosine >=
+    ``near_threshold`` found with faiss. Later copies get status ``duplicate`` and skip the models.
+    """
+
+    enabled: bool = False
+    exact: bool = True
+    near: bool = False
+    near_threshold: float = Field(0.95, gt=0, le=1)
+
+
 class OutputConfig(_Strict):
     """Shard layout. ``rows_per_shard`` input rows go to one shard (img2dataset's number_sample_per_shard)."""
 
@@ -188,6 +201,7 @@ class ResourcesConfig(_Strict):
 
     read: StageResources = StageResources(num_cpus=0.25)
     download: StageResources = StageResources(num_cpus=0.5)
+    dedup: StageResources = StageResources(num_cpus=0.25)
     caption: StageResources = StageResources(num_cpus=0.5)
     score: StageResources = StageResources(num_cpus=0.5)
     select: StageResources = StageResources(num_cpus=0.25)
@@ -207,6 +221,7 @@ class PipelineConfig(_Strict):
     models: str = "blip-large"
     input: InputConfig = InputConfig()
     download: DownloadConfig = DownloadConfig()
+    dedup: DedupConfig = DedupConfig()
     caption: CaptionConfig = CaptionConfig()
     score: ScoreConfig = ScoreConfig()
     select: SelectConfig = SelectConfig()

@@ -22,6 +22,7 @@ class Stage:
 
     name: ClassVar[str] = "stage"
     uses_model: ClassVar[bool] = False
+    single_actor: ClassVar[bool] = False  # run-wide state: the runner uses exactly one actor
 
     def setup(self) -> None:
         """Load heavy state (models, clients). Called once per worker before the first batch."""
