@@ -1,0 +1,345 @@
+"""BLIP objectives (BLIP §3.2) on ``transformers``' BLIP modules: ITC, ITM with hard negatives, LM.
+
+One :class:`BlipTask` covers three recipes:
+
+- ``blip`` pre-training: captioner (``BlipForConditionalGeneration``: vision encoder + image-grounded
+  text decoder) and filter (``BlipForImageTextRetrieval``: image-grounded text encoder, ITC
+  projections, ITM head) joined into BLIP's multimodal mixture of encoder-decoder:
+
+  * one image encoder: the filter uses the captioner's ``vision_model`` (the same module);
+  * with ``share_text_layers`` (BLIP §3.1, "all parameters except for the SA layers"; the official
+    ``tie_encoder_decoder_weights(..., skip_key="/attention")``), the filter's text encoder
+    uses the decoder's modules for: the embeddings (word + position embeddings and their
+    LayerNorm), and in every layer the cross-attention block (query/key/value, output dense,
+    LayerNorm) and the feed-forward block (``intermediate.dense``, ``output.dense``,
+    ``output.LayerNorm``). Not shared: each layer's self-attention block (``attention.self``
+    query/key/value and ``attention.output`` dense + LayerNorm: bidirectional in the encoder,
+    causal in the decoder), the decoder's LM head transform and bias (its output matrix is
+    tied to the shared word embeddings), and the filter's ``vision_proj``, ``text_proj`` and
+    ``itm_head``.
+- ``caption`` (COCO finetuning of the captioner, LM only) and ``itm`` (COCO finetuning of the
+  filter, ITC + ITM): the same code with one component.
+
+Losses (names in logs: ``itc``, ``itm``, ``lm``):
+
+- ITC: in-batch image-text contrastive loss on ``normalize(vision_proj(image [CLS]))`` and
+  ``normalize(text_proj(text [CLS]))`` (text encoder without cross-attention), learnable
+  temperature clamped to [0.001, 0.5]; targets spread uniformly over the in-batch pairs of the same
+  ``group`` (the same image, e.g. five COCO captions), as BLIP's retrieval finetuning does. This is
+  the momentum-free variant: no momentum encoder, no queue, no momentum distillation.
+- ITM: binary match/no-match on the text encoder with cross-attention to the image; for every
+  image one negative text and for every text one negative image, sampled from the detached
+  in-batch ITC softmax (hard negative mining, BLIP §3.2), never from the same group. Texts start
+  with ``[CLS]`` exactly as ``BlipForImageTextRetrieval.forward`` and capfilt's scorer feed them
+  (the original BLIP replaces it with ``[ENC]``; HF checkpoints are used with ``[CLS]``).
+- LM: image-grounded decoder, first token replaced by ``[DEC]`` (``bos_token_id``), optional
+  prompt excluded from the loss (BLIP COCO captioning: ``"a picture of "``), cross-entropy with
+  label smoothing 0.1 (BLIP) over the non-pad tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capfilt.config import ConfigError
+from capfilt.train.data import collate_common
+from capfilt.train.task import TrainTask, apply_config_overrides, load_hf
+
+
+# ------------------------------------------------------------------------------------------------
+# objective functions shared with BLIP-2
+# ------------------------------------------------------------------------------------------------
+def itc_loss(sim_i2t: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Symmetric in-batch contrastive loss.
+
+    Args:
+        sim_i2t: float ``(B, B)`` image-to-text similarities already divided by the temperature.
+        groups: int64 ``(B,)``; pairs with equal group are positives (targets spread evenly).
+
+    Returns:
+        Scalar ``(CE(i2t) + CE(t2i)) / 2`` with soft targets.
+    """
+    pos = (groups[:, None] == groups[None, :]).to(sim_i2t.dtype)
+    targets = pos / pos.sum(1, keepdim=True)
+    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets).sum(1).mean()
+    loss_t2i = -(F.log_softmax(sim_i2t.t(), dim=1) * targets).sum(1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+def sample_negatives(sim: torch.Tensor, groups: torch.Tensor, hard: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One in-batch negative per anchor (row of ``sim``), never of the anchor's group.
+
+    Args:
+        sim: ``(B, B)`` anchor-to-candidate similarities / temperature (detached inside).
+        groups: int64 ``(B,)`` group of each anchor = candidate index.
+        hard: sample with probability ``softmax(sim) + 1e-4`` (BLIP §3.2 hard negative mining,
+            the official code's smoothing); false: uniform over valid candidates.
+
+    Returns:
+        ``(index, valid)``: int64 ``(B,)`` candidate index and bool ``(B,)``, false where the
+        batch holds no candidate of another group (that anchor gets no negative).
+    """
+    with torch.no_grad():
+        same = groups[:, None] == groups[None, :]
+        w = F.softmax(sim.float(), dim=1) + 1e-4 if hard else torch.ones_like(sim, dtype=torch.float32)
+        w = w.masked_fill(same, 0.0)
+        valid = w.sum(1) > 0
+        idx = torch.zeros(sim.size(0), dtype=torch.long, device=sim.device)
+        if bool(valid.any()):
+            idx[valid] = torch.multinomial(w[valid], 1).squeeze(1)
+    return idx, valid
+
+
+def itm_pairs(sim_i2t: torch.Tensor, groups: torch.Tensor, hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image and text indices of the ITM batch: ``B`` positives, then negatives.
+
+    Negatives: for each image ``i`` (with a valid negative) the pair (image ``i``, sampled text);
+    for each text ``t`` the pair (sampled image, text ``t``).
+
+    Returns:
+        ``(image_idx, text_idx, labels)``: int64 ``(M,)`` each, ``labels`` 1 = match, 0 = no match,
+        ``B <= M <= 3B``.
+    """
+    b = sim_i2t.size(0)
+    ar = torch.arange(b, device=sim_i2t.device)
+    neg_text, ok_i = sample_negatives(sim_i2t, groups, hard)
+    neg_image, ok_t = sample_negatives(sim_i2t.t(), groups, hard)
+    image_idx = torch.cat([ar, ar[ok_i], neg_image[ok_t]])
+    text_idx = torch.cat([ar, neg_text[ok_i], ar[ok_t]])
+    labels = torch.cat([torch.ones(b, dtype=torch.long, device=ar.device),
+                        torch.zeros(int(ok_i.sum()) + int(ok_t.sum()), dtype=torch.long, device=ar.device)])
+    return image_idx, text_idx, labels
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Next-token cross-entropy: ``logits[:, :-1]`` against ``labels[:, 1:]`` (``-100`` ignored).
+
+    Args:
+        logits: float ``(B, L, V)``.
+        labels: int64 ``(B, L)`` aligned with the inputs.
+    """
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, label_smoothing=label_smoothing)
+
+
+# ------------------------------------------------------------------------------------------------
+# batches
+# ------------------------------------------------------------------------------------------------
+class BlipCollator:
+    """Samples -> BLIP batch (runs in DataLoader workers; picklable).
+
+    Output keys (besides :func:`~capfilt.train.data.collate_common`'s): with ``plain``:
+    ``input_ids`` / ``attention_mask`` int64 ``(B, L)`` = ``[CLS] text [SEP]`` (BlipProcessor's
+    tokenization, truncated to ``max_tokens``); with ``lm``: ``lm_input_ids`` (``[DEC] prompt text
+    [SEP]``), ``lm_attention_mask`` and ``lm_labels`` (``-100`` on padding and on ``[DEC]`` +
+    prompt tokens, BLIP's ``decoder_targets[:, :prompt_length] = -100``).
+
+    Args:
+        tokenizer: the BLIP (BERT WordPiece) tokenizer.
+        max_tokens: truncation length in tokens.
+        prompt: LM prompt (``""`` for pre-training).
+        plain / lm: which encodings to build.
+        bos_token_id: the decoder's BOS (``[DEC]``); default ``tokenizer.bos_token_id``.
+    """
+
+    def __init__(self, tokenizer: Any, max_tokens: int, prompt: str = "", plain: bool = True, lm: bool = False,
+                 bos_token_id: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.prompt = prompt
+        self.plain = plain
+        self.lm = lm
+        self.bos = bos_token_id if bos_token_id is not None else tokenizer.bos_token_id
+        if lm and self.bos is None:
+            raise ConfigError("the tokenizer has no bos_token ([DEC]) for the decoder")
+        self.prompt_len = len(tokenizer(prompt).input_ids) - 1  # [CLS] + prompt tokens, without [SEP]
+
+    def _tok(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate_common(samples)
+        if self.plain:
+            batch["input_ids"], batch["attention_mask"] = self._tok(batch["texts"])
+        if self.lm:
+            ids, mask = self._tok([self.prompt + t for t in batch["texts"]])
+            ids = ids.clone()
+            ids[:, 0] = self.bos
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, : self.prompt_len] = -100
+            batch["lm_input_ids"], batch["lm_attention_mask"], batch["lm_labels"] = ids, mask, labels
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# the task
+# ------------------------------------------------------------------------------------------------
+def share_text_layers(encoder: nn.Module, decoder: nn.Module) -> list[str]:
+    """Make a ``BlipTextModel`` encoder use a decoder's modules for everything but self-attention.
+
+    Args:
+        encoder: the filter's ``text_encoder``.
+        decoder: the captioner's ``text_decoder.bert``.
+
+    Returns:
+        Names (relative to the encoder) of the modules now shared.
+
+    Raises:
+        ConfigError: different layer counts or shapes.
+    """
+    if len(encoder.encoder.layer) != len(decoder.encoder.layer) or any(
+            p.shape != q.shape for p, q in zip(encoder.embeddings.parameters(), decoder.embeddings.parameters())):
+        raise ConfigError("share_text_layers needs a text encoder and decoder of the same shape "
+                          "(same vocabulary, hidden size and layer count)")
+    shared = ["embeddings"]
+    encoder.embeddings = decoder.embeddings
+    for i, (le, ld) in enumerate(zip(encoder.encoder.layer, decoder.encoder.layer)):
+        for name in ("crossattention", "intermediate", "output"):
+            if not hasattr(le, name) or not hasattr(ld, name):
+                raise ConfigError(f"text layer {i} has no {name} module (config.is_decoder must be true)")
+            setattr(le, name, getattr(ld, name))
+            shared.append(f"encoder.layer.{i}.{name}")
+    return shared
+
+
+class BlipTask(TrainTask):
+    """BLIP ITC / ITM / LM training over a captioner and/or a filter (module docstring).
+
+    Args:
+        captioner: ``BlipForConditionalGeneration`` or ``None`` (needed for ``lm``).
+        captioner_processor: its ``BlipProcessor``.
+        filter: ``BlipForImageTextRetrieval`` or ``None`` (needed for ``itc`` / ``itm``).
+        filter_processor: its ``BlipProcessor``.
+        objectives: subset of ``("itc", "itm", "lm")``.
+        loss: :class:`~capfilt.train.config.LossConfig`.
+        data: :class:`~capfilt.train.config.TrainDataConfig` (prompt, token limit).
+        share_text: tie the text encoder to the decoder (BLIP §3.1) when both exist.
+
+    Raises:
+        ConfigError: missing component for an objective, or components that cannot be shared.
+    """
+
+    def __init__(self, captioner: Any, captioner_processor: Any, filter: Any, filter_processor: Any,
+                 objectives: tuple[str, ...], loss: Any, data: Any, share_text: bool = True) -> None:
+        super().__init__()
+        self.objectives = tuple(objectives)
+        if "lm" in objectives and captioner is None:
+            raise ConfigError("objective lm needs a captioner")
+        if {"itc", "itm"} & set(objectives) and filter is None:
+            raise ConfigError("objectives itc/itm need a filter")
+        self.captioner = captioner if "lm" in objectives else None
+        self.filter = filter if {"itc", "itm"} & set(objectives) else None
+        self.loss_cfg = loss
+        self.data_cfg = data
+        self.loss_weights = dict(loss.weights)
+        self.shared: list[str] = []
+        if self.captioner is not None:
+            self.components["captioner"] = (self.captioner, captioner_processor)
+        if self.filter is not None:
+            self.components["filter"] = (self.filter, filter_processor)
+        if self.captioner is not None and self.filter is not None:
+            cs = captioner_processor.image_processor.size
+            fs = filter_processor.image_processor.size
+            if dict(cs) != dict(fs):
+                raise ConfigError(f"captioner and filter image processors differ ({dict(cs)} vs {dict(fs)}); "
+                                  f"BLIP pre-training uses one image encoder")
+            self.filter.vision_model = self.captioner.vision_model  # one image encoder (BLIP §3.1)
+            self.shared.append("vision_model")
+            if share_text:
+                self.shared += [f"text_encoder.{n}" for n in
+                                share_text_layers(self.filter.text_encoder, self.captioner.text_decoder.bert)]
+        self._processor = captioner_processor if self.captioner is not None else filter_processor
+        if {"itc", "itm"} & set(objectives):
+            self.temp = nn.Parameter(torch.tensor(float(loss.temp)),
+                                     requires_grad=bool(loss.learn_temp and "itc" in objectives))
+
+    @property
+    def image_processor(self) -> Any:
+        """The captioner's (or filter's) image processor."""
+        return self._processor.image_processor
+
+    def collator(self) -> BlipCollator:
+        """:class:`BlipCollator` with plain tokens for ITC/ITM and decoder tokens for LM."""
+        return BlipCollator(self._processor.tokenizer, self.data_cfg.max_text_tokens, prompt=self.data_cfg.prompt,
+                            plain=self.filter is not None, lm=self.captioner is not None,
+                            bos_token_id=(self.captioner.config.text_config.bos_token_id
+                                          if self.captioner is not None else None))
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch.
+
+        Args:
+            batch: :class:`BlipCollator` output on this module's device.
+
+        Returns:
+            ``{"itc", "itm", "lm"}`` (those in :attr:`objectives`) and ``"loss"``, float32 scalars.
+        """
+        pix = batch["pixel_values"]
+        losses: dict[str, torch.Tensor] = {}
+        image_embeds = None
+        if self.filter is not None:
+            f = self.filter
+            image_embeds = f.vision_model(pixel_values=pix).last_hidden_state  # (B, N, Dv)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            text = f.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, Dt)
+            image_feat = F.normalize(f.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)  # (B, P)
+            text_feat = F.normalize(f.text_proj(text[:, 0, :]).float(), dim=-1)  # (B, P)
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+            sim_i2t = image_feat @ text_feat.t() / self.temp  # (B, B)
+            groups = batch["group"]
+            if "itc" in self.objectives:
+                losses["itc"] = itc_loss(sim_i2t, groups)
+            if "itm" in self.objectives:
+                img_idx, txt_idx, labels = itm_pairs(sim_i2t.detach(), groups, self.loss_cfg.hard_negatives)
+                enc = image_embeds.index_select(0, img_idx)
+                out = f.text_encoder(input_ids=ids.index_select(0, txt_idx),
+                                     attention_mask=mask.index_select(0, txt_idx),
+                                     encoder_hidden_states=enc,
+                                     encoder_attention_mask=torch.ones(enc.shape[:-1], dtype=torch.long,
+                                                                       device=enc.device)).last_hidden_state
+                losses["itm"] = F.cross_entropy(f.itm_head(out[:, 0, :]).float(), labels)
+        if self.captioner is not None:
+            c = self.captioner
+            if image_embeds is None or "vision_model" not in self.shared:
+                image_embeds = c.vision_model(pixel_values=pix).last_hidden_state
+            logits = c.text_decoder(input_ids=batch["lm_input_ids"], attention_mask=batch["lm_attention_mask"],
+                                    encoder_hidden_states=image_embeds).logits  # (B, L, V)
+            losses["lm"] = lm_loss(logits, batch["lm_labels"], self.loss_cfg.label_smoothing)
+        return self.total(losses)
+
+
+def build_blip_task(recipe: Any) -> BlipTask:
+    """Load the recipe's captioner / filter (pretrained or fresh from their configs) into a :class:`BlipTask`.
+
+    Raises:
+        ModelLoadError: a checkpoint cannot be loaded.
+        ConfigError: components that cannot be combined.
+    """
+    from transformers import (AutoConfig, AutoProcessor, BlipForConditionalGeneration,
+                              BlipForImageTextRetrieval)
+
+    m, objectives = recipe.model, tuple(recipe.objectives)
+
+    def load(cls: Any, model_id: str) -> tuple[Any, Any]:
+        proc = load_hf(AutoProcessor, model_id, m.builder, m.revision)
+        cfg = apply_config_overrides(load_hf(AutoConfig, model_id, m.builder, m.revision), m.config_overrides)
+        if m.init == "pretrained":
+            model = load_hf(cls, model_id, m.builder, m.revision, config=cfg)
+        else:
+            model = cls(cfg)
+        return model, proc
+
+    captioner = cap_proc = filt = filt_proc = None
+    if "lm" in objectives:
+        captioner, cap_proc = load(BlipForConditionalGeneration, m.captioner)
+    if {"itc", "itm"} & set(objectives):
+        filt, filt_proc = load(BlipForImageTextRetrieval, m.filter)
+    return BlipTask(captioner, cap_proc, filt, filt_proc, objectives, recipe.loss, recipe.data,
+                    share_text=m.share_text_layers)
