@@ -19,9 +19,9 @@ def register(app: typer.Typer) -> None:
         out: Annotated[str, typer.Argument(help="Output folder of `capfilt run` (local or s3://...); "
                                            "an interrupted run's output works too.")],
         html: Annotated[Optional[str], typer.Option("--html", help="HTML file to write "
-                                                    "[default: OUT/_capfilt/report.html].")] = None,
+                                                    "(default: OUT/_capfilt/report.html).")] = None,
         json_path: Annotated[Optional[str], typer.Option("--json", help="JSON file with every number "
-                                                         "[default: OUT/_capfilt/report.json].")] = None,
+                                                         "(default: OUT/_capfilt/report.json).")] = None,
         samples: Annotated[int, typer.Option("--samples", min=0, help="Images in the sample grid.")] = 24,
         seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
     ) -> None:

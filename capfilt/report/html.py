@@ -127,26 +127,19 @@ def _kpi(value: str, label: str, sub: str = "") -> str:
 
 def _table(headers: list[str], rows: Iterable[list[Any]], numeric: Iterable[int] = (), scroll: bool = False,
            cls: str = "") -> str:
-    """An HTML table; cells are escaped unless they are ``_Raw``; columns in ``numeric`` right-aligned."""
+    """An HTML table; every cell is escaped (numbers formatted); columns in ``numeric`` right-aligned."""
     num = set(numeric)
     head = "".join(f'<th class="n">{_e(h)}</th>' if i in num else f"<th>{_e(h)}</th>" for i, h in enumerate(headers))
     body = []
     for r in rows:
         cells = []
         for i, c in enumerate(r):
-            text = c.html if isinstance(c, _Raw) else (_num(c) if i in num else _e(c))
+            text = _num(c) if i in num else _e(c)
             cells.append(f'<td class="n">{text}</td>' if i in num else f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     attr = f' class="{cls}"' if cls else ""
     t = f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     return f'<div class="scroll">{t}</div>' if scroll else t
-
-
-class _Raw:
-    """Pre-rendered HTML for a table cell."""
-
-    def __init__(self, html_text: str) -> None:
-        self.html = html_text
 
 
 def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -216,7 +209,7 @@ def _section_overview(data: dict[str, Any], plots: dict[str, bytes]) -> str:
     kpis = [
         _kpi(_int(rows), "rows read", f"from {sh['read']} of {sh['found']} shard(s)"),
         _kpi(_int(ov["downloaded"]), "downloaded", _pct(_share(ov["downloaded"], rows))),
-        _kpi(_int(ov["failed"]), "not success", _pct(_share(ov["failed"], rows))),
+        _kpi(_int(ov["failed"]), "not successful", _pct(_share(ov["failed"], rows))),
     ]
     if ov["rows_kept"] is not None:
         kpis.append(_kpi(_int(ov["rows_kept"]), "rows kept", f"{_pct(_share(ov['rows_kept'], rows))} keep ≥ 1 text"))
@@ -239,8 +232,13 @@ def _section_overview(data: dict[str, Any], plots: dict[str, bytes]) -> str:
         right += "<h3>Dropped rows by reason</h3>" + _table(
             ["drop reason", "rows"], [[k, v] for k, v in ov["drop_reasons"].items()], numeric=[1])
     parts.append(f'<div class="row"><div>{left}</div><div>{right}</div></div>')
+    parts.append("<h3>Run</h3>" + _run_block(run))
+    return "".join(parts)
 
-    parts.append("<h3>Run</h3>")
+
+def _run_block(run: dict[str, Any]) -> str:
+    """Recipe, models, versions, timings, totals and per-stage throughput from run.json."""
+    parts = []
     if not run.get("present"):
         parts.append('<p class="unavailable">No run record (<code>_capfilt/run.json</code>): config, models, '
                      "timings and throughput are unknown.</p>")
