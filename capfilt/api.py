@@ -120,7 +120,7 @@ def write_json(loc: Location, data: dict) -> None:
     loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
     tmp = loc.path + f".{uuid.uuid4().hex}.tmp"
     with loc.fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(data, indent=2, default=str).encode())
+        f.write(json.dumps(data, indent=2, default=str, allow_nan=False).encode())
     loc.fs.move(tmp, loc.path)
 
 
@@ -203,6 +203,8 @@ def resolve(opts: RunOptions) -> tuple[PipelineConfig, ModelPreset | None]:
         ConfigError: unknown recipe/preset, invalid values, unknown keys.
     """
     cfg = load_pipeline(opts.pipeline, opts.overrides)
+    if opts.models:  # the recorded recipe names the preset actually used
+        cfg = cfg.model_copy(update={"models": opts.models})
     needs_models = cfg.source == "metadata" and (cfg.caption.enabled or cfg.score.enabled)
     preset = load_preset(opts.models or cfg.models) if needs_models else None
     if preset and "clip" in cfg.score.scorers and cfg.score.enabled and preset.clip is None:

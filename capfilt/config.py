@@ -59,7 +59,7 @@ class DownloadConfig(_Strict):
         resize_mode: img2dataset's ``no`` | ``keep_ratio`` | ``center_crop`` | ``border`` | ``keep_ratio_largest``.
         min_image_size: shorter side below this (pixels, before resize) gives ``too_small``.
         max_image_pixels: width*height above this (read from the header, before decoding) gives ``too_large``.
-        max_aspect_ratio: long/short side above this gives ``too_large``.
+        max_aspect_ratio: long/short side above this gives ``too_large`` (``None``: no limit).
         encode_format / encode_quality: stored image format (img2dataset's ``jpg``|``png``|``webp``).
         disallowed_header_directives: ``X-Robots-Tag`` directives that opt an image out.
         allow_private_network: allow loopback/private/link-local hosts (off: ``blocked_address``).
@@ -79,7 +79,7 @@ class DownloadConfig(_Strict):
     resize_only_if_bigger: bool = False
     min_image_size: int = Field(0, ge=0)
     max_image_pixels: int = Field(89_478_485, gt=0)  # Pillow's default decompression-bomb limit
-    max_aspect_ratio: float = Field(float("inf"), gt=0)
+    max_aspect_ratio: float | None = Field(None, gt=0)  # None: no limit (run.json stays strict JSON)
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=0, le=100)
     allow_private_network: bool = False

@@ -463,7 +463,7 @@ class ImageProcessor:
             raise ImageFailure(schema.FAILED_TO_DOWNLOAD, "empty body (0 bytes)")
         im = open_image(data, c.max_image_pixels, content_type)
         w, h = im.size
-        check_geometry(w, h, c.min_image_size, c.max_aspect_ratio)
+        check_geometry(w, h, c.min_image_size, c.max_aspect_ratio or float("inf"))
         draft = None
         if im.format in ("JPEG", "MPO"):
             draft = _draft_size(w, h, c.image_size, c.resize_mode)
