@@ -33,10 +33,8 @@ class ShardFile:
     complete: bool
 
 
-#: Folder (relative to OUT) where the writer keeps shard stats (:mod:`capfilt.io.writer`), so that
-#: readers of the output folder (pandas, ``pq.read_table(OUT)``, HF datasets) skip them.
-STATS_DIR = "_stats"
-STATS_SUFFIX = ".stats.json"
+# Where the writer keeps shard stats (``OUT/_stats/NAME.stats.json``): one definition, the writer's.
+from capfilt.io.writer import STATS_DIR, STATS_SUFFIX  # noqa: E402
 
 
 def stats_candidates(out_path: str, rel: str) -> tuple[str, ...]:
