@@ -12,7 +12,7 @@ from capfilt.train.blip import BlipCollator, itc_loss, itm_pairs
 from capfilt.train.config import load_recipe
 from capfilt.train.loop import train
 from capfilt.train.task import build_task
-from tests.train_helpers import COCO, loss_trend, make_shards
+from tests.train_helpers import COCO, frequent_word_rate, loss_trend, make_shards, one_torch_thread  # noqa: F401 (autouse fixture)
 
 COCO_JSON = str(COCO / "captions_val2017.json")
 
@@ -122,6 +122,26 @@ def test_caption_checkpoint_loads_like_capfilts_captioner(caption_run):
 
     inputs = proc(images=Image.open(COCO / "images" / "000000000802.jpg"), return_tensors="pt")
     assert model.generate(**inputs, max_new_tokens=5, do_sample=False).shape[0] == 1
+
+
+def test_capfilts_captioner_wrapper_uses_the_trained_checkpoint(caption_run):
+    """``capfilt run``'s caption stage loads the preset's captioner with ``load_captioner``; same seeds, new words."""
+    from PIL import Image
+
+    from capfilt.config import CaptionConfig
+    from capfilt.modeling.captioner import load_captioner
+
+    _, out = caption_run
+    trained_preset = load_preset(str(out / "final" / "preset.yaml"))
+    tiny_preset = load_preset("tiny")
+    images = [Image.open(p).convert("RGB") for p in sorted((COCO / "images").glob("*.jpg"))[:6]]
+    cfg = CaptionConfig()
+    trained = load_captioner(trained_preset.captioner, trained_preset).generate(images, list(range(6)), cfg)
+    untrained = load_captioner(tiny_preset.captioner, tiny_preset).generate(images, list(range(6)), cfg)
+    a, b = [c[0] for c in trained], [c[0] for c in untrained]
+    assert all(c.strip() for c in a) and sum(x != y for x, y in zip(a, b)) >= 5
+    print(f"frequent COCO words: trained {frequent_word_rate(a):.2f}, untrained {frequent_word_rate(b):.2f}")
+    assert frequent_word_rate(a) > 2 * frequent_word_rate(b)
 
 
 def test_itm_coco_50_steps_lowers_itc_itm(tmp_path):

@@ -9,7 +9,7 @@ from capfilt.train.blip2 import Blip2LmCollator, itg_allowed, self_attention_mas
 from capfilt.train.config import load_recipe
 from capfilt.train.loop import train
 from capfilt.train.task import build_task
-from tests.train_helpers import loss_trend, make_shards
+from tests.train_helpers import loss_trend, make_shards, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

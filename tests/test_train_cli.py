@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from capfilt.config import ConfigError
 from capfilt.train.cli import register
 from capfilt.train.config import TASK_OBJECTIVES, load_recipe, recipes_dir
-from tests.train_helpers import COCO
+from tests.train_helpers import COCO, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from capfilt.errors import InputError
 from capfilt.train.coco import CocoCaptions
 from capfilt.train.data import CapfiltShards, ImageTransform, StreamingDataset, clean_caption, collate_common
-from tests.train_helpers import COCO, make_shards
+from tests.train_helpers import COCO, make_shards, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 class _Processor:

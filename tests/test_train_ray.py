@@ -7,7 +7,7 @@ import os
 import pytest
 
 from capfilt.train.config import load_recipe
-from tests.train_helpers import loss_trend, make_shards
+from tests.train_helpers import loss_trend, make_shards, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from capfilt.config import ConfigError
 from capfilt.train.config import load_recipe
 from capfilt.train.loop import STATE_FILE, latest_checkpoint, train
-from tests.train_helpers import make_shards
+from tests.train_helpers import make_shards, one_torch_thread  # noqa: F401 (autouse fixture)
 
 # 30 steps of the full BLIP recipe (ITM negatives are sampled: the RNG state must be restored too),
 # 3 DataLoader workers (the data position of each must be restored, and 20 steps x 2 micro-batches

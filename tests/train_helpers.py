@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from capfilt import schema
@@ -92,3 +93,28 @@ def loss_trend(history: list[dict], objectives, k: int = 5) -> dict[str, tuple[f
         out[o] = (sum(vals[:k]) / k, sum(vals[-k:]) / k)
     print("  ".join(f"{o}: {a:.4f} -> {b:.4f}" for o, (a, b) in out.items()))
     return out
+
+
+#: The most frequent words of the COCO fixture captions (a trained captioner uses them much more than noise does).
+FREQUENT_WORDS = {"a", "on", "of", "the", "in", "with", "and", "is", "to", "an", "two", "at", "sitting", "man"}
+
+
+def frequent_word_rate(captions: list[str]) -> float:
+    """Fraction of the words of ``captions`` that are in :data:`FREQUENT_WORDS`."""
+    words = [w for c in captions for w in c.lower().split()]
+    return sum(w in FREQUENT_WORDS for w in words) / max(len(words), 1)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run tiny models on one intra-op thread (restored after the test).
+
+    On a shared 2-core machine torch's default (one thread per core) spins against the DataLoader
+    workers and other processes; the tiny models run several times faster on one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
