@@ -102,15 +102,33 @@ class LocalRayCluster:
                      *self._node_ports()], "head")
         self._wait(lambda: self._get("/api/version") is not None, deadline, "head node dashboard")
         for i, w in enumerate(self.workers):
+            self._start_worker(i, w, deadline)
+        self._remember()
+        return self
+
+    def _start_worker(self, i: int, w: dict, deadline: float, tries: int = 3) -> None:
+        """Start worker node ``i`` and wait until it is alive.
+
+        Ray gives a new raylet a fixed 30 s to register with the GCS; on a loaded 2-core machine
+        that can pass, and ``ray start`` then exits ("timed out during startup") after stopping
+        what it started. That attempt is retried with fresh ports, up to ``tries`` times.
+        """
+        want = 2 + i
+        for attempt in range(tries):
             args = ["--address", self.gcs_address, "--node-ip-address", NODE_IP,
                     "--num-cpus", str(w["num_cpus"]), "--num-gpus", "0", *self._node_ports()]
             if w.get("resources"):
                 args += ["--resources", json.dumps(w["resources"])]
-            self._spawn(args, f"worker{i}")
-        want = 1 + len(self.workers)
-        self._wait(lambda: len(self.nodes()) >= want, deadline, f"{want} alive nodes")
-        self._remember()
-        return self
+            p = self._spawn(args, f"worker{i}-{attempt}")
+            try:
+                self._wait(lambda: len(self.nodes()) >= want, deadline, f"{want} alive nodes")
+                return
+            except RuntimeError:
+                log = (self.log_dir / f"worker{i}-{attempt}.log").read_text(errors="replace")
+                if p.poll() is None or attempt == tries - 1 or "timed out during startup" not in log:
+                    raise
+                self._procs.remove(p)
+                p._capfilt_log.close()  # type: ignore[attr-defined]
 
     def _wait(self, ok, deadline: float, what: str) -> None:
         while time.time() < deadline:

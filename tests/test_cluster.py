@@ -172,7 +172,8 @@ def test_ray_job_submit_two_nodes_s3_output(cluster, moto_s3, tmp_path):
                  "print('DRIVER_CAPFILT', capfilt.__file__); "
                  "print('WORKER_CAPFILT', ray.get(ray.remote(lambda: __import__('capfilt').__file__)"
                  ".options(resources={'side': 0.01}).remote()))")
-        entry = (f"{sys.executable} -m capfilt.cli run --input {tmp_path / 'in.parquet'} "
+        capfilt = Path(sys.executable).with_name("capfilt")  # the console script, as a user types it
+        entry = (f"echo JOB_PYTHONPATH=$PYTHONPATH && {capfilt} run --input {tmp_path / 'in.parquet'} "
                  f"--output s3://{BUCKET}/run --models tiny --allow-private-network --rows-per-shard {PER_SHARD} "
                  f"--set download.image_size=64 --no-progress && {sys.executable} -c \"{probe}\"")
         runtime_env = {"env_vars": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -188,9 +189,12 @@ def test_ray_job_submit_two_nodes_s3_output(cluster, moto_s3, tmp_path):
     logs = r.stdout + r.stderr
     assert info["status"] == "SUCCEEDED", "\n".join([info.get("message") or "", logs[-6000:], cluster.logs()])
     # capfilt came through the job's working dir, on the driver and on the worker node alike
+    # (the job's PYTHONPATH puts the working dir ahead of site-packages, also for console scripts)
     lines = dict(ln.split(" ", 1) for ln in logs.splitlines() if ln.startswith(("DRIVER_CAPFILT", "WORKER_CAPFILT")))
     for k in ("DRIVER_CAPFILT", "WORKER_CAPFILT"):
         assert "runtime_resources" in lines[k] and str(REPO) not in lines[k], lines
+    pythonpath = next(ln for ln in logs.splitlines() if ln.startswith("JOB_PYTHONPATH="))
+    assert "runtime_resources/working_dir_files" in pythonpath.split(":")[0], pythonpath
 
     # the pipeline's tasks and actors ran on both nodes (the stages need 1.5+ CPUs; each node has 1)
     tasks = cluster.state("tasks")
