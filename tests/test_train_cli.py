@@ -61,9 +61,12 @@ def test_bundled_recipes_load_and_are_consistent():
     assert names == ["blip-base-pretrain", "blip2-stage1", "blip2-stage2", "caption-coco", "itm-coco",
                      "tiny-blip-pretrain", "tiny-blip2-stage1", "tiny-blip2-stage2", "tiny-caption-coco",
                      "tiny-itm-coco"]
+    from capfilt.config import load_preset
+
     for n in names:
         r = load_recipe(n)
         assert set(r.objectives) <= TASK_OBJECTIVES[r.kind]
+        assert load_preset(r.preset).captioner is not None  # the base preset of final/preset.yaml exists
         if not n.startswith("tiny-"):
             tiny = load_recipe(f"tiny-{n.replace('-base', '')}")  # every real recipe has a tiny twin
             assert (tiny.task, tiny.stage, tiny.objectives) == (r.task, r.stage, r.objectives)

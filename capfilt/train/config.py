@@ -155,8 +155,9 @@ class RunConfig(_Strict):
         save_every: steps between checkpoints (``None``: only at the end).
         keep_checkpoints: most recent checkpoints kept (older ones are deleted).
         cpu_threads: ``torch.set_num_threads`` for the run on CPU (restored afterwards); ``None``
-            keeps torch's default (one per core). Tiny models on a shared machine run several
-            times faster with 1 (no OpenMP spinning against the DataLoader workers).
+            keeps torch's default (one per core). The tiny test models on a busy 2-core machine
+            train 16-47x faster with 1 (no OpenMP spinning against the DataLoader workers and
+            other processes; ``benchmarks/bench_train.py``).
     """
 
     max_steps: int = Field(1000, ge=1)

@@ -23,6 +23,7 @@ computes the same losses as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -253,6 +254,10 @@ def _train(recipe: TrainRecipe, data: str, out: Path, dev: torch.device, images:
            stop_after: int | None, resume: bool, overwrite: bool, echo: Callable[[str], None] | None) -> TrainResult:
     rank, world = _dist()
     tr, dc = recipe.train, recipe.data
+    if recipe.preset:
+        from capfilt.config import load_preset
+
+        load_preset(recipe.preset)  # a bad base preset fails now, not after training
     fingerprint = recipe.fingerprint()
     if rank == 0:
         _prepare_output(out, recipe, fingerprint, overwrite)
@@ -333,7 +338,7 @@ def _train(recipe: TrainRecipe, data: str, out: Path, dev: torch.device, images:
                 samples += len(batch["texts"])
                 batch = _batch_to(batch, dev)
                 sync = micro == tr.grad_accum - 1 or world == 1
-                ctx = model.no_sync() if (not sync and world > 1) else _null()
+                ctx = model.no_sync() if (not sync and world > 1) else contextlib.nullcontext()
                 with ctx, torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                     losses = model(batch)
                     (losses["loss"] / tr.grad_accum).backward()
@@ -381,14 +386,6 @@ def _train(recipe: TrainRecipe, data: str, out: Path, dev: torch.device, images:
         _barrier()
     return TrainResult(output=out, step=step, final=final, checkpoint=last_ckpt,
                        resumed_from=start_step if state is not None else None, history=history, preset=preset)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def _mean_over_ranks(sums: dict[str, float], dev: torch.device) -> dict[str, float]:
