@@ -121,20 +121,25 @@ def _job_env_vars() -> dict[str, str]:
 def init_ray(address: str | None) -> dict:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray sized to this machine.
 
-    Inside ``ray job submit`` the job's own ``RAY_ADDRESS`` is used. The :data:`FORWARDED_ENV`
+    Inside ``ray job submit`` the job's own ``RAY_ADDRESS`` is used. Only a local Ray defaults to
+    ``RAY_AUTH_MODE=disabled``; clusters with token authentication need ``RAY_AUTH_MODE=token``
+    and ``RAY_AUTH_TOKEN`` in this process's environment. The :data:`FORWARDED_ENV`
     variables of this process go into the job's runtime env (except those the submitted job
     already sets), so workers on every node see them.
 
     Returns:
         ``ray.cluster_resources()`` (``{"CPU": 2.0, "GPU": ..., ...}``).
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        # a private local Ray needs no token; an existing cluster keeps its own auth mode
+        # (RAY_AUTH_MODE=token + RAY_AUTH_TOKEN, or Ray's auto-detection of ~/.ray/auth_token)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
         job_env = _job_env_vars()
         env_vars = {k: v for k, v in forwarded_env().items() if k not in job_env}
         kwargs = dict(ignore_reinit_error=True, include_dashboard=False, logging_level=logging.WARNING,

@@ -175,7 +175,8 @@ def test_ray_job_submit_two_nodes_s3_output(cluster, moto_s3, tmp_path):
         capfilt = Path(sys.executable).with_name("capfilt")  # the console script, as a user types it
         entry = (f"echo JOB_PYTHONPATH=$PYTHONPATH && {capfilt} run --input {tmp_path / 'in.parquet'} "
                  f"--output s3://{BUCKET}/run --models tiny --allow-private-network --rows-per-shard {PER_SHARD} "
-                 f"--set download.image_size=64 --no-progress && {sys.executable} -c \"{probe}\"")
+                 f"--set download.image_size=64 --set 'resources.caption.concurrency=[1,2]' --no-progress "
+                 f"&& {sys.executable} -c \"{probe}\"")
         runtime_env = {"env_vars": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                                     "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}}
         job_id = f"capfilt-test-{int(time.time())}"
@@ -214,6 +215,7 @@ def test_ray_job_submit_two_nodes_s3_output(cluster, moto_s3, tmp_path):
     record = json.loads(s3.get_object(Bucket=BUCKET, Key="run/_capfilt/run.json")["Body"].read())
     assert record["status"] == "complete" and record["totals"]["rows"] == ROWS
     assert record["totals"]["images_captioned"] == ROWS - 1
+    assert record["config"]["resources"]["caption"]["concurrency"] == [1, 2]  # autoscaling pool range
     print(f"ray job submit on 2 nodes: {ROWS} rows in {elapsed:.1f} s")
 
 
