@@ -255,6 +255,13 @@ class BlipTask(TrainTask):
                 self.shared += [f"text_encoder.{n}" for n in
                                 share_text_layers(self.filter.text_encoder, self.captioner.text_decoder.bert)]
         self._processor = captioner_processor if self.captioner is not None else filter_processor
+        if self.filter is not None:
+            if "itm" not in objectives:  # the text encoder's cross-attention is used by ITM only
+                self.exclude(self.filter.itm_head)
+                self.exclude(*(layer.crossattention for i, layer in enumerate(self.filter.text_encoder.encoder.layer)
+                               if f"text_encoder.encoder.layer.{i}.crossattention" not in self.shared))
+            if "itc" not in objectives:  # similarities then only pick ITM negatives (no gradient)
+                self.exclude(self.filter.vision_proj, self.filter.text_proj)
         if {"itc", "itm"} & set(objectives):
             self.temp = nn.Parameter(torch.tensor(float(loss.temp)),
                                      requires_grad=bool(loss.learn_temp and "itc" in objectives))

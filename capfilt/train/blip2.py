@@ -143,6 +143,10 @@ class Blip2Stage1Task(TrainTask):
                                  requires_grad=bool(loss.learn_temp and "itc" in objectives))
         if "itg" in objectives:
             self.itg_head = ItgHead(qcfg, model.embeddings.word_embeddings)
+        if "itm" not in objectives:
+            self.exclude(model.itm_head)
+        if "itc" not in objectives:  # similarities then only pick ITM negatives (no gradient)
+            self.exclude(model.vision_projection, model.text_projection)
 
     @property
     def image_processor(self) -> Any:
@@ -268,6 +272,10 @@ class Blip2Stage2Task(TrainTask):
         self.components["captioner"] = (model, processor)
         self.freeze("vision_model", model.vision_model)
         self.freeze("language_model", model.language_model)
+        # no text goes through the Q-Former here: its text-path feed-forward layers (present when
+        # the config has use_qformer_text_input) stay as they are (LAVIS deletes them for stage 2)
+        for layer in model.qformer.encoder.layer:
+            self.exclude(getattr(layer, "intermediate", None), getattr(layer, "output", None))
 
     @property
     def image_processor(self) -> Any:

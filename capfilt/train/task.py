@@ -143,6 +143,17 @@ class TrainTask(nn.Module):
         module.eval()
         self.frozen[name] = module
 
+    def exclude(self, *modules: nn.Module | None) -> None:
+        """Leave parameters the chosen objectives never use out of training (``requires_grad=False``).
+
+        Keeps DistributedDataParallel from waiting for gradients that never come and AdamW from
+        holding state for them (e.g. the ITM head when a recipe trains ITC only).
+        """
+        for m in modules:
+            if m is not None:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+
     def train(self, mode: bool = True) -> "TrainTask":
         """``nn.Module.train`` that keeps frozen modules in eval mode."""
         super().train(mode)
