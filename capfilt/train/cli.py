@@ -69,7 +69,8 @@ def _command(task: str):  # noqa: ANN202 - typer reads the signature
                 from capfilt.train.loop import train
 
                 res = train(rec, data, output, images=images, stop_after=stop_after, resume=resume,
-                            overwrite=overwrite, echo=console.print)
+                            overwrite=overwrite,
+                            echo=lambda line: console.print(line, markup=False, highlight=False))
         except CapfiltError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

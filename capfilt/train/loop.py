@@ -320,7 +320,7 @@ def _train(recipe: TrainRecipe, data: str, out: Path, dev: torch.device, images:
     end = min(tr.max_steps, stop_after) if stop_after is not None else tr.max_steps
     use_bf16 = tr.bf16 and dev.type == "cuda"
     objectives = task.objectives
-    it = iter(loader)
+    it = iter(loader) if start_step < end else None
     model.train()
     t0, samples = time.perf_counter(), 0
     step = start_step
@@ -374,7 +374,8 @@ def _train(recipe: TrainRecipe, data: str, out: Path, dev: torch.device, images:
     final = preset = None
     if step >= tr.max_steps:
         final = out / "final"
-        if rank == 0:
+        done = step == start_step and all((final / n / "config.json").is_file() for n in task.components)
+        if rank == 0 and not done:
             if final.exists():
                 shutil.rmtree(final)
             folders = task.save(final)
@@ -383,6 +384,8 @@ def _train(recipe: TrainRecipe, data: str, out: Path, dev: torch.device, images:
             if echo:
                 echo(f"trained model(s) in {final}: {', '.join(p.name for p in folders)}"
                      + (f"; use them with: capfilt run --models {preset}" if preset else ""))
+        elif done and (final / "preset.yaml").is_file():
+            preset = final / "preset.yaml"
         _barrier()
     return TrainResult(output=out, step=step, final=final, checkpoint=last_ckpt,
                        resumed_from=start_step if state is not None else None, history=history, preset=preset)
