@@ -60,7 +60,8 @@ def train_with_ray(recipe: TrainRecipe, data: str, output: str | Path, *, num_wo
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray_address is None and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray (as capfilt's runner does)
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=True)
     import torch
