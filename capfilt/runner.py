@@ -12,6 +12,7 @@ shard streams through the pipeline as one unit and the writer commits it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -110,8 +111,6 @@ def _job_env_vars() -> dict[str, str]:
     if not raw:
         return {}
     try:
-        import json
-
         env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
     except (ValueError, AttributeError):
         return {}
