@@ -259,11 +259,18 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
         address: Ray address (``auto``, ``ray://host:10001``) or ``None`` for ``RAY_ADDRESS``/local.
         progress: show Ray Data's progress bars.
 
+    Model stages get an actor pool of ``concurrency`` (``[min, max]`` autoscales; unset: one
+    actor, or up to one per ``num_gpus`` share of the cluster's GPUs), never more actors than
+    shards; task stages with a ``concurrency`` are capped at that many tasks. Forwarded
+    environment variables that the Ray job lacks (Ray started earlier in this process) travel in
+    each stage's runtime env.
+
     Yields:
-        The writer's small stats tables as shards are committed (no image data reaches the driver).
+        The writer's small stats tables (``name, shard_id, rows, stats``) as shards are committed:
+        no image data reaches the driver.
 
     Raises:
-        ResourceError: stage resources that the cluster cannot provide.
+        ResourceError: stage resources that the cluster cannot provide (before any work).
     """
     init_ray(address)
     cluster, nodes = cluster_shapes()
