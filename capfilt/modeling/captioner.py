@@ -200,7 +200,9 @@ class BlipCaptioner:
         if cfg.num_beams > 1:
             kw.update(num_beams=cfg.num_beams, do_sample=False)
         else:
-            gc = self.model.generation_config
+            # the generation config a direct call reads: the text decoder's (BLIP) or the LM's (BLIP-2)
+            decoder = getattr(self.model, "text_decoder", None) or getattr(self.model, "language_model", self.model)
+            gc = decoder.generation_config
             top_k = gc.top_k if getattr(gc, "top_k", None) is not None else HF_DEFAULT_TOP_K
             sampler = PerRowSampler(seeds, cfg.num_captions, cfg.temperature, top_k, cfg.top_p, self.device)
             from transformers import LogitsProcessorList
