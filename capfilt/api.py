@@ -30,7 +30,7 @@ from capfilt.errors import OutputError
 from capfilt.io.filesystem import Location, locate
 from capfilt.io.reader import InputFile, inspect_inputs, key_to_position, passthrough_fields
 from capfilt.io.writer import META_DIR, ShardWriter, committed_keys, scan_output
-from capfilt.runner import StagePlan, run_local, run_ray
+from capfilt.runner import StagePlan, prepare_ray, run_local, run_ray
 from capfilt.schema import SELECT_FIELDS, output_schema
 from capfilt.stages.read import ReadOutputStage, ReadStage, ShardSpec, specs_table
 from capfilt.stages.select import SelectStage
@@ -312,19 +312,6 @@ def run(opts: RunOptions) -> RunResult:
                 skipped += 1
         read_stage = ReadOutputStage(src.uri)
 
-    record = {
-        "run_id": run_id, "status": "running", "capfilt_version": __version__,
-        "command": " ".join(sys.argv) if sys.argv and "capfilt" in sys.argv[0] else None,
-        "identity": ident, "config": cfg.model_dump(mode="json"),
-        "models": preset.model_dump(mode="json") if preset else None,
-        "inputs": [{"uri": f.uri, "format": f.format, "rows": f.num_rows, "url_col": f.url_col,
-                    "caption_col": f.caption_col} for f in files] or [{"uri": u} for u in opts.inputs],
-        "input_rows": total_rows, "output": out.uri, "versions": _versions(),
-        "attempts": (previous or {}).get("attempts", []) + [{"started": time.time(), "resumed": resumed,
-                                                            "parts_already_done": len(parts)}],
-    }
-    write_json(run_json, record)
-
     # --- stages -----------------------------------------------------------------------------
     res = cfg.resources
     plans = [StagePlan(read_stage, res.read)]
@@ -351,6 +338,22 @@ def run(opts: RunOptions) -> RunResult:
     executor = opts.executor
     if executor == "auto":
         executor = "local" if cfg.source == "output" else "ray"
+    if executor == "ray":  # refuse impossible resources before anything is written
+        prepare_ray(plans, opts.ray_address)
+
+    record = {
+        "run_id": run_id, "status": "running", "capfilt_version": __version__,
+        "command": " ".join(sys.argv) if sys.argv and "capfilt" in sys.argv[0] else None,
+        "identity": ident, "config": cfg.model_dump(mode="json"),
+        "models": preset.model_dump(mode="json") if preset else None,
+        "inputs": [{"uri": f.uri, "format": f.format, "rows": f.num_rows, "url_col": f.url_col,
+                    "caption_col": f.caption_col} for f in files] or [{"uri": u} for u in opts.inputs],
+        "input_rows": total_rows, "output": out.uri, "versions": _versions(),
+        "attempts": (previous or {}).get("attempts", []) + [{"started": time.time(), "resumed": resumed,
+                                                            "parts_already_done": len(parts)}],
+    }
+    write_json(run_json, record)
+
     table = specs_table(specs)
     t_exec = time.time()
     written = []

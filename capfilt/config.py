@@ -188,11 +188,21 @@ class StageResources(_Strict):
     """Ray resources of one stage: per task/actor CPUs and GPUs, and how many run at once.
 
     ``concurrency`` is a fixed count or ``[min, max]`` for an autoscaling actor pool. ``None``
-    lets capfilt size it to the cluster (see :mod:`capfilt.runner`).
+    lets capfilt size it to the cluster (see :mod:`capfilt.runner`). ``num_gpus: auto`` (the
+    captioner's and scorer's default) means 0.5 GPU when the Ray cluster has GPUs, so the two
+    model stages share a device, and none on a CPU-only cluster: the same command runs on a
+    laptop and on a GPU cluster.
     """
 
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpus(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("num_gpus must be >= 0 or 'auto'")
+        return v
+
     num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float = Field(0, ge=0)
+    num_gpus: float | Literal["auto"] = 0
     concurrency: int | tuple[int, int] | None = None
 
 
@@ -202,8 +212,8 @@ class ResourcesConfig(_Strict):
     read: StageResources = StageResources(num_cpus=0.25)
     download: StageResources = StageResources(num_cpus=0.5)
     dedup: StageResources = StageResources(num_cpus=0.25)
-    caption: StageResources = StageResources(num_cpus=0.5)
-    score: StageResources = StageResources(num_cpus=0.5)
+    caption: StageResources = StageResources(num_cpus=0.5, num_gpus="auto")
+    score: StageResources = StageResources(num_cpus=0.5, num_gpus="auto")
     select: StageResources = StageResources(num_cpus=0.25)
     write: StageResources = StageResources(num_cpus=0.25)
 

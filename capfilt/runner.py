@@ -209,6 +209,7 @@ def check_resources(plans: list[StagePlan], cluster: dict, nodes: list[dict] | N
     Raises:
         ResourceError: naming the stage, the resource asked for and what the cluster has.
     """
+    plans = resolve_auto(plans, cluster)
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     for p in plans:
         r, name = p.resources, p.stage.name
@@ -249,6 +250,39 @@ def _pool_size(r: StageResources, cluster: dict, single: bool = False) -> tuple[
     return 1, 1
 
 
+AUTO_GPU_SHARE = 0.5  # num_gpus "auto" on a GPU cluster: captioner and scorer share one device
+
+
+def resolve_auto(plans: list[StagePlan], cluster: dict) -> list[StagePlan]:
+    """Plans with ``num_gpus: auto`` made concrete: :data:`AUTO_GPU_SHARE` if the cluster has GPUs, else 0."""
+    gpus = cluster.get("GPU", 0.0)
+    out = []
+    for p in plans:
+        if p.resources.num_gpus == "auto":
+            share = AUTO_GPU_SHARE if gpus > 0 else 0.0
+            p = StagePlan(p.stage, p.resources.model_copy(update={"num_gpus": share}))
+        out.append(p)
+    return out
+
+
+def prepare_ray(plans: list[StagePlan], address: str | None = None) -> list[StagePlan]:
+    """Connect to (or start) Ray, resolve ``num_gpus: auto`` and check every stage's resources.
+
+    Called by :func:`capfilt.api.run` before anything is written, and again by :func:`run_ray`.
+
+    Returns:
+        The plans with concrete resources.
+
+    Raises:
+        ResourceError: a stage asks for resources the cluster cannot provide.
+    """
+    init_ray(address)
+    cluster, nodes = cluster_shapes()
+    plans = resolve_auto(plans, cluster)
+    check_resources(plans, cluster, nodes)
+    return plans
+
+
 def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
             progress: bool = True) -> Iterator[pa.Table]:
     """Run the stages as one streaming Ray Data job.
@@ -272,9 +306,8 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
     Raises:
         ResourceError: stage resources that the cluster cannot provide (before any work).
     """
-    init_ray(address)
-    cluster, nodes = cluster_shapes()
-    check_resources(plans, cluster, nodes)
+    plans = prepare_ray(plans, address)
+    cluster, _nodes = cluster_shapes()
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 

@@ -299,3 +299,15 @@ def test_hadolint_clean():
     r = subprocess.run([hadolint, str(DOCKER / "Dockerfile.cpu"), str(DOCKER / "Dockerfile.cuda")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_auto_gpus_share_one_device_on_gpu_clusters_and_vanish_on_cpu():
+    from capfilt.config import ResourcesConfig
+    from capfilt.runner import StagePlan, resolve_auto
+    from capfilt.stages.select import SelectStage
+    from capfilt.config import SelectConfig
+
+    res = ResourcesConfig()
+    plans = [StagePlan(SelectStage(SelectConfig()), r) for r in (res.caption, res.score, res.download)]
+    assert [p.resources.num_gpus for p in resolve_auto(plans, {"CPU": 16.0, "GPU": 1.0})] == [0.5, 0.5, 0]
+    assert [p.resources.num_gpus for p in resolve_auto(plans, {"CPU": 2.0})] == [0.0, 0.0, 0]
