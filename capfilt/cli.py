@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import typer
 from rich.console import Console
