@@ -31,8 +31,9 @@ from capfilt.io.filesystem import Location, locate
 from capfilt.io.reader import InputFile, inspect_inputs, key_to_position, passthrough_fields
 from capfilt.io.writer import META_DIR, ShardWriter, committed_keys, scan_output
 from capfilt.runner import StagePlan, prepare_ray, run_local, run_ray
-from capfilt.schema import SELECT_FIELDS, output_schema
+from capfilt.schema import output_schema
 from capfilt.stages.read import ReadOutputStage, ReadStage, ShardSpec, specs_table
+from capfilt.stages.base import Stage
 from capfilt.stages.select import SelectStage
 
 log = logging.getLogger(__name__)
@@ -213,106 +214,111 @@ def resolve(opts: RunOptions) -> tuple[PipelineConfig, ModelPreset | None]:
     return cfg, preset
 
 
-def run(opts: RunOptions) -> RunResult:
-    """Run a pipeline end to end (or resume it) and return what it did.
+@dataclass
+class _Source:
+    """What the run reads: metadata files, or (refilter) the committed parts of an old output."""
+
+    files: list[InputFile]
+    scorers: list[str]
+    passthrough: list[pa.Field]
+    old: Location | None = None
+    old_parts: list = field(default_factory=list)
+
+
+def _inspect_source(cfg: PipelineConfig, inputs: list[str]) -> _Source:
+    """Check the inputs up front and decide the output's pass-through columns and scorers.
 
     Raises:
-        capfilt.errors.CapfiltError: bad inputs, recipe, models or output folder (before any work).
+        InputError / OutputError / ConfigError: unreadable input, no shards, a score never computed.
     """
-    t0 = time.time()
-    cfg, preset = resolve(opts)
-    out = locate(opts.output)
-    _check_overlap(opts.inputs, out)
-
-    # --- inputs and schema ------------------------------------------------------------------
     if cfg.source == "metadata":
-        files = inspect_inputs(opts.inputs, cfg.input)
-        scorers = cfg.score.scorers if cfg.score.enabled else []
-        schema_fields = passthrough_fields(files)
-        old_parts = []
-    else:
-        if len(opts.inputs) != 1:
-            raise ConfigError("the refilter recipe reads exactly one capfilt output: --input OLD_OUT")
-        src = locate(opts.inputs[0])
-        old_parts, _ = scan_output(src)
-        if not old_parts:
-            raise OutputError(f"{src.uri} holds no committed capfilt shards (NAME.parquet + NAME.stats.json)")
-        with src.fs.open_input_file(old_parts[0].parquet) as fh:
-            old_schema = pq.read_schema(fh)
-        scorers = [s for s in ("itm", "itc", "clip") if f"web_{s}" in old_schema.names]
-        missing = sorted(cfg.select.scorers_needed() - set(scorers))
-        if missing:
-            raise ConfigError(f"{src.uri} has no stored {', '.join(missing)} scores (it has: "
-                              f"{', '.join(scorers) or 'none'}); the old run never computed them. Rerun "
-                              f"`capfilt run` with score.scorers including {missing}, or select on what exists.")
-        select_names = {f.name for f in SELECT_FIELDS}
-        skip = {"key", "url", "caption", "status", "error_message", "image", "width", "height", "original_width",
-                "original_height", "sha256", "synthetic_captions"} | select_names
-        skip |= {f"{p}_{s}" for p in ("web", "synthetic") for s in scorers}
-        schema_fields = [f for f in old_schema if f.name not in skip]
-        files = []
+        files = inspect_inputs(inputs, cfg.input)
+        return _Source(files, cfg.score.scorers if cfg.score.enabled else [], passthrough_fields(files))
+    if len(inputs) != 1:
+        raise ConfigError("the refilter recipe reads exactly one capfilt output: --input OLD_OUT")
+    src = locate(inputs[0])
+    old_parts, _ = scan_output(src)
+    if not old_parts:
+        raise OutputError(f"{src.uri} holds no committed capfilt shards (NAME.parquet + _stats/NAME.stats.json)")
+    with src.fs.open_input_file(old_parts[0].parquet) as fh:
+        old_schema = pq.read_schema(fh)
+    scorers = [s for s in ("itm", "itc", "clip") if f"web_{s}" in old_schema.names]
+    missing = sorted(cfg.select.scorers_needed() - set(scorers))
+    if missing:
+        raise ConfigError(f"{src.uri} has no stored {', '.join(missing)} scores (it has: "
+                          f"{', '.join(scorers) or 'none'}); the old run never computed them. Rerun "
+                          f"`capfilt run` with score.scorers including {missing}, or select on what exists.")
+    contract = {f.name for f in output_schema([], scorers)}
+    return _Source([], scorers, [f for f in old_schema if f.name not in contract], src, old_parts)
 
-    if preset is not None:
-        from capfilt.modeling.loading import preflight
 
-        need = set()
-        if cfg.caption.enabled:
-            need.add("captioner")
-        if cfg.score.enabled and ({"itm", "itc"} & set(scorers)):
-            need.add("filter")
-        if cfg.score.enabled and "clip" in scorers:
-            need.add("clip")
-        preflight(preset, need)
+def _preflight_models(cfg: PipelineConfig, preset: ModelPreset | None, scorers: list[str]) -> None:
+    if preset is None:
+        return
+    from capfilt.modeling.loading import preflight
 
-    # --- existing output: resume, refuse, or overwrite ----------------------------------------
-    ident = _identity(cfg, preset, [locate(i).uri for i in opts.inputs])
-    run_json = out.join(META_DIR, "run.json")
-    previous = _read_json(run_json)
-    if previous is not None and not opts.overwrite:
+    need = set()
+    if cfg.caption.enabled:
+        need.add("captioner")
+    if cfg.score.enabled and ({"itm", "itc"} & set(scorers)):
+        need.add("filter")
+    if cfg.score.enabled and "clip" in scorers:
+        need.add("clip")
+    preflight(preset, need)
+
+
+def _prepare_output(out: Location, ident: dict, overwrite: bool) -> tuple[dict | None, list]:
+    """Refuse, wipe or resume an existing output; delete uncommitted leftovers.
+
+    Returns:
+        ``(previous run.json or None, committed parts)``.
+
+    Raises:
+        OutputError: the folder holds a run with other settings (and not ``overwrite``).
+    """
+    previous = _read_json(out.join(META_DIR, "run.json"))
+    if previous is not None and not overwrite:
         changes = _diff(previous.get("identity"), ident)
         if changes:
             shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
             raise OutputError(f"{out.uri} holds a run with different settings ({shown}). Use --overwrite to "
                               f"delete it and start again, or choose another --output.")
-    elif previous is None and out.exists() and not opts.overwrite:
-        parts, _ = scan_output(out)
-        if parts:
+    elif previous is None and out.exists() and not overwrite:
+        if scan_output(out)[0]:
             raise OutputError(f"{out.uri} holds shards but no {META_DIR}/run.json; use --overwrite or another --output")
-    if opts.overwrite and out.exists():
+    if overwrite and out.exists():
         _wipe(out)
         previous = None
     out.fs.create_dir(out.path, recursive=True)
     parts, leftovers = scan_output(out)
     for path in leftovers:
         out.fs.delete_file(path)
-    done_keys = committed_keys(out, parts)
-    resumed = bool(parts)
+    return previous, parts
 
-    run_id = previous.get("run_id") if previous else uuid.uuid4().hex[:12]
-    schema = output_schema(schema_fields, scorers, run_id)
 
-    # --- shard plan -------------------------------------------------------------------------
+def _plan_shards(cfg: PipelineConfig, src: _Source, done_keys: list[str]) -> tuple[list[ShardSpec], int, int, Stage]:
+    """Shard specs still to do, shards already done, total input rows, and the read stage."""
     if cfg.source == "metadata":
         done = dict.fromkeys(key_to_position(k) for k in done_keys)
-        specs, skipped = _plan_metadata_specs(files, cfg.output.rows_per_shard, done)
-        read_stage = ReadStage(files)
-        total_rows = sum(f.num_rows for f in files)
-    else:
-        done_set = set(done_keys)
-        specs, skipped, total_rows = [], 0, 0
-        for sid, p in enumerate(old_parts):
-            with src.fs.open_input_file(p.parquet) as fh:
-                keys = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
-            total_rows += len(keys)
-            skip_rows = tuple(i for i, k in enumerate(keys) if k in done_set)
-            spec = ShardSpec(sid, 0, 0, len(keys), skip_rows, p.parquet)
-            if spec.pending:
-                specs.append(spec)
-            else:
-                skipped += 1
-        read_stage = ReadOutputStage(src.uri)
+        specs, skipped = _plan_metadata_specs(src.files, cfg.output.rows_per_shard, done)
+        return specs, skipped, sum(f.num_rows for f in src.files), ReadStage(src.files)
+    done_set = set(done_keys)
+    specs, skipped, total_rows = [], 0, 0
+    for sid, p in enumerate(src.old_parts):
+        with src.old.fs.open_input_file(p.parquet) as fh:
+            keys = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
+        total_rows += len(keys)
+        spec = ShardSpec(sid, 0, 0, len(keys), tuple(i for i, k in enumerate(keys) if k in done_set), p.parquet)
+        if spec.pending:
+            specs.append(spec)
+        else:
+            skipped += 1
+    return specs, skipped, total_rows, ReadOutputStage(src.old.uri)
 
-    # --- stages -----------------------------------------------------------------------------
+
+def _stage_plans(cfg: PipelineConfig, preset: ModelPreset | None, read_stage: Stage, out: Location,
+                 parts: list, schema: pa.Schema, run_id: str) -> list[StagePlan]:
+    """The stages of this recipe, in order, each with its resources."""
     res = cfg.resources
     plans = [StagePlan(read_stage, res.read)]
     if cfg.source == "metadata":
@@ -334,6 +340,33 @@ def run(opts: RunOptions) -> RunResult:
             plans.append(StagePlan(ScoreStage(cfg.score, preset), res.score))
     plans.append(StagePlan(SelectStage(cfg.select), res.select))
     plans.append(StagePlan(ShardWriter(out.uri, schema, run_id, cfg.output.compression), res.write))
+    return plans
+
+
+def run(opts: RunOptions) -> RunResult:
+    """Run a pipeline end to end (or resume it) and return what it did.
+
+    Order: recipe and preset, input files, model weights, output folder, resources: every check
+    that can fail does so before a shard is planned or a URL fetched.
+
+    Raises:
+        capfilt.errors.CapfiltError: bad inputs, recipe, models, resources or output folder (before any work);
+            OutputError after the run if rows are missing (rerun to complete).
+    """
+    t0 = time.time()
+    cfg, preset = resolve(opts)
+    out = locate(opts.output)
+    _check_overlap(opts.inputs, out)
+    src = _inspect_source(cfg, opts.inputs)
+    _preflight_models(cfg, preset, src.scorers)
+
+    ident = _identity(cfg, preset, [locate(i).uri for i in opts.inputs])
+    previous, parts = _prepare_output(out, ident, opts.overwrite)
+    done_keys = committed_keys(out, parts)
+    run_id = previous.get("run_id") if previous else uuid.uuid4().hex[:12]
+    schema = output_schema(src.passthrough, src.scorers, run_id)
+    specs, skipped, total_rows, read_stage = _plan_shards(cfg, src, done_keys)
+    plans = _stage_plans(cfg, preset, read_stage, out, parts, schema, run_id)
 
     executor = opts.executor
     if executor == "auto":
@@ -341,29 +374,26 @@ def run(opts: RunOptions) -> RunResult:
     if executor == "ray":  # refuse impossible resources before anything is written
         prepare_ray(plans, opts.ray_address)
 
+    run_json = out.join(META_DIR, "run.json")
     record = {
         "run_id": run_id, "status": "running", "capfilt_version": __version__,
         "command": " ".join(sys.argv) if sys.argv and "capfilt" in sys.argv[0] else None,
         "identity": ident, "config": cfg.model_dump(mode="json"),
         "models": preset.model_dump(mode="json") if preset else None,
         "inputs": [{"uri": f.uri, "format": f.format, "rows": f.num_rows, "url_col": f.url_col,
-                    "caption_col": f.caption_col} for f in files] or [{"uri": u} for u in opts.inputs],
+                    "caption_col": f.caption_col} for f in src.files] or [{"uri": u} for u in opts.inputs],
         "input_rows": total_rows, "output": out.uri, "versions": _versions(),
-        "attempts": (previous or {}).get("attempts", []) + [{"started": time.time(), "resumed": resumed,
+        "attempts": (previous or {}).get("attempts", []) + [{"started": time.time(), "resumed": bool(parts),
                                                             "parts_already_done": len(parts)}],
     }
     write_json(run_json, record)
 
-    table = specs_table(specs)
     t_exec = time.time()
-    written = []
+    table = specs_table(specs)
     stream = run_ray(table, plans, opts.ray_address, opts.progress) if executor == "ray" else run_local(table, plans)
-    for batch in stream:
-        for s in batch.column("stats").to_pylist():
-            written.append(json.loads(s))
+    written = [json.loads(s) for batch in stream for s in batch.column("stats").to_pylist()]
     exec_seconds = time.time() - t_exec
 
-    # --- record -----------------------------------------------------------------------------
     parts_now, _ = scan_output(out)
     totals = totals_from_stats([p.stats for p in parts_now])
     wall = time.time() - t0
@@ -379,4 +409,4 @@ def run(opts: RunOptions) -> RunResult:
     if not complete:
         raise OutputError(f"run finished with {totals['rows']} of {total_rows} rows written; rerun the same command "
                           f"to complete it")
-    return RunResult(out.uri, run_id, record, totals, wall, len(written), skipped, resumed)
+    return RunResult(out.uri, run_id, record, totals, wall, len(written), skipped, bool(parts))
