@@ -174,3 +174,23 @@ class ImageServer:
         if self.fallback is not None:
             return self.fallback(req, path)
         return self._send(req, 404, b"not found", "text/plain")
+
+
+def photo_server(photos: list[Path], delay: float = 0.0) -> ImageServer:
+    """A server answering every path with one of ``photos`` (chosen by the path's md5), after ``delay`` s.
+
+    Stands in for a web host: any URL path is an image, stable across requests.
+    """
+    import hashlib
+
+    def fallback(req, path):
+        if delay:
+            time.sleep(delay)
+        body = photos[int(hashlib.md5(path.encode()).hexdigest(), 16) % len(photos)].read_bytes()
+        req.send_response(200)
+        req.send_header("Content-Type", "image/jpeg")
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
+
+    return ImageServer(fallback=fallback)

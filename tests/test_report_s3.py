@@ -8,43 +8,21 @@ default HTML/JSON back into ``s3://.../_capfilt/``. Numbers must equal the local
 from __future__ import annotations
 
 import json
-import logging
-import os
 
 import pytest
 
 from capfilt.report import build_report
 from tests.report_fixture import make_output
+from tests.s3server import moto_s3
 
 BUCKET = "capfilt-report"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 
 
 @pytest.fixture()
 def s3():
     """moto's S3 server on 127.0.0.1 with AWS_* pointing at it; yields a boto3 client."""
-    pytest.importorskip("moto.server")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    import boto3
-
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    try:
+    with moto_s3(BUCKET) as client:
         yield client
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 def test_report_reads_and_writes_s3(s3, tmp_path):

@@ -21,23 +21,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt.api import RunOptions, run
-from tests.httpserver import ImageServer
+from tests.httpserver import ImageServer, photo_server
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PHOTOS = sorted((FIXTURES / "coco" / "images").glob("*.jpg"))
 
 
 def _slow_image_server(delay: float) -> ImageServer:
-    def fallback(req, path):
-        time.sleep(delay)
-        body = PHOTOS[int(hashlib.md5(path.encode()).hexdigest(), 16) % len(PHOTOS)].read_bytes()
-        req.send_response(200)
-        req.send_header("Content-Type", "image/jpeg")
-        req.send_header("Content-Length", str(len(body)))
-        req.end_headers()
-        req.wfile.write(body)
-
-    return ImageServer(fallback=fallback)
+    return photo_server(PHOTOS, delay)
 
 
 def _committed(out: Path) -> dict[str, tuple[int, int]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -20,38 +19,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.s3server import AWS_ENV, moto_s3
+
 FIXTURES = Path(__file__).parent / "fixtures"
 PHOTOS = sorted((FIXTURES / "coco" / "images").glob("*.jpg"))[:10]
 BUCKET = "capfilt-test"
 ROWS, PER_SHARD = 24, 4
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """moto's S3 server on 127.0.0.1 with the AWS_* variables pointing at it; yields a boto3 client."""
-    pytest.importorskip("moto.server")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    import boto3
-
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    try:
+    """moto's S3 server on 127.0.0.1 with AWS_* pointing at it; yields a boto3 client."""
+    with moto_s3(BUCKET) as client:
         yield client
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 def _objects(client, prefix: str) -> dict[str, dict]:

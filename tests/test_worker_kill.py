@@ -10,7 +10,6 @@ restarts the actor and retries both lost calls (Ray Data's defaults: ``max_resta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt.api import RunOptions, run
-from tests.httpserver import ImageServer
+from tests.httpserver import ImageServer, photo_server
 
 PHOTOS = sorted((Path(__file__).parent / "fixtures" / "coco" / "images").glob("*.jpg"))[:8]
 ROWS, PER_SHARD = 48, 4
@@ -67,16 +66,7 @@ class Killer(threading.Thread):
 
 
 def _slow_server(delay: float) -> ImageServer:
-    def fallback(req, path):
-        time.sleep(delay)
-        body = PHOTOS[int(hashlib.md5(path.encode()).hexdigest(), 16) % len(PHOTOS)].read_bytes()
-        req.send_response(200)
-        req.send_header("Content-Type", "image/jpeg")
-        req.send_header("Content-Length", str(len(body)))
-        req.end_headers()
-        req.wfile.write(body)
-
-    return ImageServer(fallback=fallback)
+    return photo_server(PHOTOS, delay)
 
 
 @pytest.mark.slow
