@@ -202,7 +202,7 @@ class StageResources(_Strict):
         return v
 
     num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float | Literal["auto"] = 0
+    num_gpus: float | Literal["auto"] = 0.0
     concurrency: int | tuple[int, int] | None = None
 
 

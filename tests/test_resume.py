@@ -53,8 +53,8 @@ def _cmd(inp: Path, out: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_interrupted_run_resumes_without_duplicates_or_rewrites(tmp_path, sig):
-    n = 400
-    with _slow_image_server(delay=0.15) as srv:
+    n = 800  # 20 shards of 40 rows at 0.25 s per image: minutes of work left when the signal comes
+    with _slow_image_server(delay=0.25) as srv:
         pq.write_table(pa.table({"url": [srv.url(f"img/{i}.jpg") for i in range(n)],
                                  "caption": [f"caption {i}" for i in range(n)]}), tmp_path / "in.parquet")
         out = tmp_path / "out"
