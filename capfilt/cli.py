@@ -127,19 +127,16 @@ def demo(
         _fail(e)
 
 
-def _register_optional() -> None:
-    """Add the report/inspect and train commands (their modules own them)."""
-    for mod in ("capfilt.report.cli", "capfilt.train.cli"):
-        try:
-            module = __import__(mod, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith(mod.rsplit(".", 1)[0]):
-                continue
-            raise
-        module.register(app)
+def _register_subcommands() -> None:
+    """Add the report/inspect and train commands (their packages own them; imports stay lazy)."""
+    from capfilt.report.cli import register as register_report
+    from capfilt.train.cli import register as register_train
+
+    register_report(app)
+    register_train(app)
 
 
-_register_optional()
+_register_subcommands()
 
 
 def main() -> None:
