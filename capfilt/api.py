@@ -29,7 +29,7 @@ from capfilt.config import ConfigError
 from capfilt.errors import OutputError
 from capfilt.io.filesystem import Location, locate
 from capfilt.io.reader import InputFile, inspect_inputs, key_to_position, passthrough_fields
-from capfilt.io.writer import META_DIR, ShardWriter, committed_keys, scan_output
+from capfilt.io.writer import META_DIR, STATS_DIR, ShardWriter, committed_keys, is_capfilt_file, scan_output
 from capfilt.runner import StagePlan, prepare_ray, run_local, run_ray
 from capfilt.schema import output_schema
 from capfilt.stages.read import ReadOutputStage, ReadStage, ShardSpec, specs_table
@@ -126,14 +126,30 @@ def write_json(loc: Location, data: dict) -> None:
 
 
 def _wipe(out: Location) -> None:
+    """Delete what capfilt wrote in ``out`` (shard parts, ``_stats/``, ``_capfilt/``), nothing else."""
     for info in out.fs.get_file_info(pafs.FileSelector(out.path, recursive=False)):
-        if info.type == pafs.FileType.Directory:
+        name = info.path.rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.Directory and name in (STATS_DIR, META_DIR):
             out.fs.delete_dir(info.path)
-        else:
+        elif info.type == pafs.FileType.File and is_capfilt_file(name):
             out.fs.delete_file(info.path)
 
 
+def _foreign_entries(out: Location) -> list[str]:
+    """Names at the top of ``out`` that capfilt did not write."""
+    if not out.exists():
+        return []
+    names = [i.path.rsplit("/", 1)[-1] for i in out.fs.get_file_info(pafs.FileSelector(out.path, recursive=False))]
+    return sorted(n for n in names if n not in (STATS_DIR, META_DIR) and not is_capfilt_file(n))
+
+
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, list) and isinstance(new, list) and old != new:
+        added = [x for x in new if x not in old]
+        removed = [x for x in old if x not in new]
+        return [f"{prefix.rstrip('.')}: " + "; ".join(
+            part for part in (f"added {added}" if added else "", f"removed {removed}" if removed else "",
+                              "reordered" if not added and not removed else "") if part)]
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new)):
@@ -142,10 +158,15 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def _identity(cfg: PipelineConfig, preset: ModelPreset | None, inputs: list[str]) -> dict:
+def _identity(cfg: PipelineConfig, preset: ModelPreset | None, inputs: list[str], files: list[InputFile]) -> dict:
+    """What must not change between a run and its resume: recipe, models, inputs and their files.
+
+    Keys are positions in the sorted file list, so a file added to an input folder (or one that
+    grew) would shift them: the file list with row counts is part of the identity.
+    """
     return {"recipe": cfg.fingerprint(),
             "models": preset.model_dump(mode="json", exclude={"description"}) if preset else None,
-            "inputs": inputs}
+            "inputs": inputs, "files": [f"{f.uri} ({f.num_rows} rows)" for f in files]}
 
 
 def _plan_metadata_specs(files: list[InputFile], rows_per_shard: int, done: dict[tuple[int, int], None]
@@ -237,6 +258,9 @@ def _inspect_source(cfg: PipelineConfig, inputs: list[str]) -> _Source:
     if len(inputs) != 1:
         raise ConfigError("the refilter recipe reads exactly one capfilt output: --input OLD_OUT")
     src = locate(inputs[0])
+    if not src.is_dir():
+        raise OutputError(f"the refilter recipe reads an earlier capfilt output folder, but {src.uri} is not a "
+                          f"folder; give --input the --output of an earlier `capfilt run`")
     old_parts, _ = scan_output(src)
     if not old_parts:
         raise OutputError(f"{src.uri} holds no committed capfilt shards (NAME.parquet + _stats/NAME.stats.json)")
@@ -276,7 +300,16 @@ def _prepare_output(out: Location, ident: dict, overwrite: bool) -> tuple[dict |
     Raises:
         OutputError: the folder holds a run with other settings (and not ``overwrite``).
     """
+    info = out.fs.get_file_info(out.path)
+    if info.type == pafs.FileType.File:
+        raise OutputError(f"output {out.uri} is a file; --output must be a folder (new, empty, or an earlier "
+                          f"capfilt output)")
     previous = _read_json(out.join(META_DIR, "run.json"))
+    foreign = _foreign_entries(out) if info.type == pafs.FileType.Directory else []
+    if previous is None and foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"output folder {out.uri} already holds files that capfilt did not write ({shown}); "
+                          f"choose a new or empty --output folder (capfilt never deletes other files)")
     if previous is not None and not overwrite:
         changes = _diff(previous.get("identity"), ident)
         if changes:
@@ -354,13 +387,15 @@ def run(opts: RunOptions) -> RunResult:
             OutputError after the run if rows are missing (rerun to complete).
     """
     t0 = time.time()
+    if opts.executor not in ("ray", "local", "auto"):
+        raise ConfigError(f"--executor must be ray, local or auto, not {opts.executor!r}")
     cfg, preset = resolve(opts)
     out = locate(opts.output)
     _check_overlap(opts.inputs, out)
     src = _inspect_source(cfg, opts.inputs)
     _preflight_models(cfg, preset, src.scorers)
 
-    ident = _identity(cfg, preset, [locate(i).uri for i in opts.inputs])
+    ident = _identity(cfg, preset, [locate(i).uri for i in opts.inputs], src.files)
     previous, parts = _prepare_output(out, ident, opts.overwrite)
     done_keys = committed_keys(out, parts)
     run_id = previous.get("run_id") if previous else uuid.uuid4().hex[:12]
@@ -391,7 +426,13 @@ def run(opts: RunOptions) -> RunResult:
     t_exec = time.time()
     table = specs_table(specs)
     stream = run_ray(table, plans, opts.ray_address, opts.progress) if executor == "ray" else run_local(table, plans)
-    written = [json.loads(s) for batch in stream for s in batch.column("stats").to_pylist()]
+    try:
+        written = [json.loads(s) for batch in stream for s in batch.column("stats").to_pylist()]
+    except KeyboardInterrupt:
+        record["status"] = "interrupted"
+        record["attempts"][-1].update({"finished": time.time(), "interrupted": True})
+        write_json(run_json, record)
+        raise
     exec_seconds = time.time() - t_exec
 
     parts_now, _ = scan_output(out)

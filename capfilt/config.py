@@ -146,9 +146,9 @@ class SelectConfig(_Strict):
     BLIP §3.3: ``itm_threshold: 0.5``. BLIP-2 §3.4: ``rank_by: clip``, ``top_k: 2``, no threshold.
     """
 
-    itm_threshold: float | None = 0.5
-    itc_threshold: float | None = None
-    clip_threshold: float | None = None
+    itm_threshold: float | None = Field(0.5, ge=0, le=1)  # a probability
+    itc_threshold: float | None = Field(None, ge=-1, le=1)  # cosines
+    clip_threshold: float | None = Field(None, ge=-1, le=1)
     rank_by: Scorer = "itm"
     top_k: int | None = Field(None, ge=1)
     include_web: bool = True
@@ -311,7 +311,7 @@ def bundled_dir(kind: Literal["pipelines", "models"]) -> Path:
 
 def _resolve_yaml(name_or_path: str, kind: Literal["pipelines", "models"]) -> Path:
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
             raise ConfigError(f"{kind[:-1]} file {p} does not exist")
         return p

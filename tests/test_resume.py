@@ -7,6 +7,7 @@ pipeline against a 127.0.0.1 host.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -59,8 +60,10 @@ def test_interrupted_run_resumes_without_duplicates_or_rewrites(tmp_path, sig):
                                  "caption": [f"caption {i}" for i in range(n)]}), tmp_path / "in.parquet")
         out = tmp_path / "out"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # a test runner started in the background inherits SIGINT ignored: restore Ctrl-C for capfilt
         proc = subprocess.Popen(_cmd(tmp_path / "in.parquet", out), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+                                stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 240
         while len(_committed(out)) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
@@ -74,6 +77,7 @@ def test_interrupted_run_resumes_without_duplicates_or_rewrites(tmp_path, sig):
         proc.wait(timeout=120)
         if sig == signal.SIGINT:
             assert proc.returncode == 130
+            assert json.loads((out / "_capfilt" / "run.json").read_text())["status"] == "interrupted"
         time.sleep(1.0)
         interrupted = _committed(out)
         r = subprocess.run(_cmd(tmp_path / "in.parquet", out), capture_output=True, text=True, env=env, timeout=600)

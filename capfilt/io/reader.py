@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from capfilt.config import InputConfig
@@ -94,6 +93,12 @@ def discover(inputs: list[str], input_format: str = "auto") -> list[Location]:
         if not files:
             raise InputError(f"input folder {uri} holds no input files (.parquet, .csv, .tsv, .jsonl, .txt)")
         found.extend(sorted(files, key=lambda x: x.path))
+    seen: dict[str, str] = {}
+    for loc in found:
+        if loc.path in seen:
+            raise InputError(f"input file {loc.uri} is given twice (also as {seen[loc.path]}); every row would be "
+                             f"processed twice. Name each file or folder once.")
+        seen[loc.path] = loc.uri
     return found
 
 
@@ -161,6 +166,10 @@ def _read_text_table(uri: str, fmt: str, has_header: bool) -> pa.Table:
     """Parse a whole text-format file (cached per process: shards of one file share the parse)."""
     loc = locate(uri)
     data = _read_bytes(loc)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:  # e.g. a Latin-1 CSV: bad bytes become U+FFFD rather than a crash
+        data = data.decode("utf-8", errors="replace").encode("utf-8")
     if fmt == "txt":
         lines = data.decode("utf-8", errors="replace").splitlines()
         urls = [ln.strip() for ln in lines if ln.strip()]
@@ -266,18 +275,26 @@ def inspect_inputs(inputs: list[str], cfg: InputConfig) -> list[InputFile]:
         has_header = _text_has_header(loc, fmt, cfg.csv_header)
         schema, num_rows = _schema_of(loc, fmt, has_header)
         names = [n for n in schema.names if n not in DROPPED_INPUT_COLUMNS]
+        if not names:
+            raise InputError(f"{loc.uri} is empty (no columns, no rows); remove it from the input or fill it")
         url_col = _find_column(names, cfg.url_col, URL_ALIASES)
         if url_col is None:
             flag = f"--url-col {cfg.url_col!r} was not found" if cfg.url_col else "no URL column found"
             raise InputError(f"{loc.uri}: {flag}. Its columns are: {', '.join(names) or '(none)'}. "
                              f"Name the URL column with --url-col NAME (and the caption with --caption-col NAME).")
         caption_col = _find_column(names, cfg.caption_col, CAPTION_ALIASES)
+        for role, col in (("URL", url_col), ("caption", caption_col)):
+            typ = schema.field(col).type if col else pa.string()
+            if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ)
+                    or pa.types.is_large_binary(typ) or pa.types.is_null(typ)):
+                raise InputError(f"{loc.uri}: the {role} column {col!r} holds {typ}, not text; name the right "
+                                 f"column with --{'url' if role == 'URL' else 'caption'}-col NAME")
         if cfg.caption_col and caption_col is None:
             raise InputError(f"{loc.uri}: --caption-col {cfg.caption_col!r} was not found. Its columns are: "
                              f"{', '.join(names)}.")
         others = [n for n in names if n not in (url_col, caption_col)]
         if cfg.keep_columns is not None:
-            missing = [c for c in cfg.keep_columns if c not in others]
+            missing = [c for c in cfg.keep_columns if c not in others and c not in (url_col, caption_col)]
             if missing:
                 raise InputError(f"{loc.uri}: --keep-columns names {missing} which the file does not have. "
                                  f"Its other columns are: {', '.join(others) or '(none)'}.")

@@ -22,6 +22,7 @@ when it completes. Retried Ray tasks rewrite the same part names, so a retry nev
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections import Counter
@@ -40,6 +41,16 @@ from capfilt.stages.base import Stage
 STATS_SUFFIX = ".stats.json"
 STATS_DIR = "_stats"
 META_DIR = "_capfilt"
+
+
+#: Names capfilt writes at the top of an output folder; nothing else there is ever deleted.
+PART_RE = re.compile(r"^\d{5}(-\d{6})?\.parquet$")
+TMP_RE = re.compile(r"^.+\.[0-9a-f]{32}\.tmp$")
+
+
+def is_capfilt_file(name: str) -> bool:
+    """True for a shard part (``00012.parquet``, ``00012-000250.parquet``) or a capfilt temp file."""
+    return bool(PART_RE.match(name) or TMP_RE.match(name))
 
 
 def part_name(shard_id: int, offset: int) -> str:
@@ -144,8 +155,8 @@ def scan_output(out: Location) -> tuple[list[CommittedPart], list[str]]:
 
     Returns:
         ``(parts, leftovers)``: ``parts`` have both ``NAME.parquet`` and ``_stats/NAME.stats.json``;
-        ``leftovers`` are paths of parquet files without stats and temporary files, to delete
-        before resuming.
+        ``leftovers`` are paths of capfilt-named parquet parts without stats and capfilt temporary
+        files, to delete before resuming. Files with other names are never listed (nor deleted).
     """
     if not out.exists():
         return [], []
@@ -158,6 +169,8 @@ def scan_output(out: Location) -> tuple[list[CommittedPart], list[str]]:
     files, stats_files = listing(out), listing(out.join(STATS_DIR))
     parts, leftovers = [], []
     for fname, path in sorted(files.items()):
+        if not is_capfilt_file(fname):
+            continue
         if fname.endswith(".tmp"):
             leftovers.append(path)
         elif fname.endswith(".parquet"):
@@ -173,7 +186,7 @@ def scan_output(out: Location) -> tuple[list[CommittedPart], list[str]]:
             else:
                 leftovers.append(path)
     leftovers += [p for n, p in stats_files.items()
-                  if n.endswith(".tmp") or (n.endswith(STATS_SUFFIX) and n[: -len(STATS_SUFFIX)] + ".parquet" not in files)]
+                  if TMP_RE.match(n) or (n.endswith(STATS_SUFFIX) and n[: -len(STATS_SUFFIX)] + ".parquet" not in files)]
     tmp = out.join(META_DIR, "tmp")
     if tmp.exists():
         leftovers += [i.path for i in out.fs.get_file_info(pafs.FileSelector(tmp.path, recursive=True))
