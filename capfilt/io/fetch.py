@@ -277,8 +277,7 @@ def resolve_addresses(host: str, port: int, allow_private_network: bool = False)
             reason = address_block_reason(addr)
             if reason is not None:
                 shown = host if host == addr else f"{host} ({addr})"
-                raise FetchFailure(schema.BLOCKED_ADDRESS,
-                                   f"host {shown} is a {reason} address (--allow-private-network allows it)")
+                raise FetchFailure(schema.BLOCKED_ADDRESS, f"host {shown} is a {reason} address")
     return addresses
 
 
