@@ -8,6 +8,8 @@ needs can be loaded, without downloading anything and without hanging when there
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +139,23 @@ def _load_error(spec: ModelSpec, what: str, err: BaseException) -> ModelLoadErro
                           + how_to_provide(spec.id))
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-load progress bars and info/warnings (e.g. the torchvision fallback
+    notice: BLIP's PIL image processor is the intended one here); restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_pretrained(cls: type, spec: ModelSpec, preset: ModelPreset, **kw: Any) -> Any:
     """``cls.from_pretrained`` for ``spec``, on its device and dtype, in eval mode.
 
@@ -158,8 +177,9 @@ def load_pretrained(cls: type, spec: ModelSpec, preset: ModelPreset, **kw: Any) 
     device, dtype = resolve_device_dtype(spec)
     res = _resolve(spec, preset)
     try:
-        model = cls.from_pretrained(res.path, revision=spec.revision, dtype=dtype,
-                                    local_files_only=res.local_only, **kw)
+        with _quiet_transformers():
+            model = cls.from_pretrained(res.path, revision=spec.revision, dtype=dtype,
+                                        local_files_only=res.local_only, **kw)
     except (OSError, ValueError, ConnectionError) as e:
         raise _load_error(spec, "weights", e) from None
     except Exception as e:  # httpx transport errors are not OSErrors
@@ -177,7 +197,8 @@ def load_processor(cls: type, spec: ModelSpec, preset: ModelPreset, **kw: Any) -
     """
     res = _resolve(spec, preset)
     try:
-        return cls.from_pretrained(res.path, revision=spec.revision, local_files_only=res.local_only, **kw)
+        with _quiet_transformers():
+            return cls.from_pretrained(res.path, revision=spec.revision, local_files_only=res.local_only, **kw)
     except (OSError, ValueError, ConnectionError) as e:
         raise _load_error(spec, "processor/tokenizer", e) from None
     except Exception as e:
