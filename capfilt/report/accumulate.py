@@ -55,6 +55,7 @@ class Moments:
         self.max = -math.inf
 
     def add(self, v: np.ndarray) -> None:
+        """Fold a float array (any shape; NaN ignored) into the running statistics."""
         if v.size:
             self.count += int(v.size)
             self.total += float(v.sum(dtype=np.float64))
@@ -62,6 +63,7 @@ class Moments:
             self.max = max(self.max, float(v.max()))
 
     def as_dict(self) -> dict[str, Any]:
+        """The statistics as JSON-ready numbers."""
         if not self.count:
             return {"count": 0, "mean": None, "min": None, "max": None}
         return {"count": self.count, "mean": self.total / self.count, "min": self.min, "max": self.max}
@@ -77,6 +79,7 @@ class ScoreHist:
         self.below = 0
 
     def add(self, v: np.ndarray) -> None:
+        """Fold a float array (any shape; NaN ignored) into the running statistics."""
         v = v[np.isfinite(v)].astype(np.float64)
         self.moments.add(v)
         self.counts += np.histogram(np.clip(v, self.lo, self.hi), bins=self.bins, range=(self.lo, self.hi))[0]
@@ -84,6 +87,7 @@ class ScoreHist:
             self.below += int((v < self.threshold).sum())
 
     def as_dict(self) -> dict[str, Any]:
+        """The statistics as JSON-ready numbers."""
         d = self.moments.as_dict()
         d["histogram"] = {"range": [self.lo, self.hi], "bins": self.bins, "counts": self.counts.tolist()}
         if self.threshold is not None:
@@ -194,6 +198,7 @@ class TopK:
         self.heap: list[tuple[float, int, int]] = []  # max-heap on sign*score via negation
 
     def add(self, scores: np.ndarray, shard: int, rows: np.ndarray) -> None:
+        """Offer ``scores`` (float32 ``(N,)``) of rows ``rows`` of shard ``shard``; keeps the best k."""
         if not self.k or not scores.size:
             return
         keyed = self.sign * scores
@@ -208,6 +213,7 @@ class TopK:
                 heapq.heapreplace(self.heap, item)
 
     def result(self) -> list[tuple[int, int]]:
+        """The kept ``(shard, row)`` positions, best first."""
         items = sorted((-s, -sh, -r) for s, sh, r in self.heap)
         return [(sh, r) for _, sh, r in items]
 
@@ -221,6 +227,7 @@ class Reservoir:
         self.items: list[tuple[float, int, int]] = []
 
     def add(self, mask: np.ndarray, shard: int, offset: int) -> None:
+        """Offer the rows where ``mask`` (bool ``(N,)``) is true, at ``offset`` within shard ``shard``."""
         prio = self.rng.random(mask.size)  # drawn for every row: the sample is independent of batching
         if not self.n:
             return
@@ -232,4 +239,5 @@ class Reservoir:
             self.items = heapq.nsmallest(self.n, self.items)
 
     def result(self) -> list[tuple[int, int]]:
+        """The sampled ``(shard, row)`` positions, in shard/row order."""
         return sorted((sh, r) for _, sh, r in heapq.nsmallest(self.n, self.items))
