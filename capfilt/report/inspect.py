@@ -42,7 +42,7 @@ def overview_table(data: dict[str, Any]) -> Table:
             t.add_row(f"{which} texts removed", f"{r['removed']:,} of {r['scored']:,}", _pct(r["removed"], r["scored"]))
     cfg = run.get("config") or {}
     if cfg:
-        t.add_row("recipe", str(cfg.get("name", "?")), f"models: {run.get('preset') or '?'}")
+        t.add_row("recipe", str(cfg.get("name", "?")), f"models: {_models_text(run)}")
     for role, mid in (run.get("model_ids") or {}).items():
         t.add_row(f"{role} model", mid, "")
     if run.get("status"):
@@ -72,3 +72,12 @@ def inspect_output(out: str | Path, console: Console | None = None) -> dict[str,
     for w in data["warnings"]:
         console.print(f"[yellow]note:[/] {w}", highlight=False, soft_wrap=True)
     return data
+
+
+def _models_text(run: dict) -> str:
+    """The preset name, ``none`` for a model-free recipe (download, refilter), ``?`` if unknown."""
+    from capfilt.report.layout import uses_models
+
+    if run.get("preset"):
+        return str(run["preset"])
+    return "none" if run.get("present") and not uses_models({"config": run.get("config")}) else "?"

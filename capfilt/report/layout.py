@@ -97,7 +97,7 @@ def read_run_record(out: Location) -> tuple[dict[str, Any] | None, list[str]]:
         return None, [f"run record {loc.uri} cannot be read ({e}); config, models and timings are unknown"]
     if not isinstance(record, dict):
         return None, [f"run record {loc.uri} is not a JSON object; config, models and timings are unknown"]
-    missing = [k for k in RUN_KEYS if not record.get(k)]
+    missing = missing_keys(record)
     problems = []
     if missing:
         problems.append(f"run record lacks {', '.join(missing)} (the run may have been interrupted "
@@ -145,6 +145,8 @@ def preset_name(record: dict[str, Any] | None) -> str | None:
     models = (record or {}).get("models")
     if isinstance(models, dict) and isinstance(models.get("name"), str):
         return models["name"]
+    if record and "models" in record and not uses_models(record):
+        return None  # a model-free recipe (download, refilter) loaded no preset
     default = config_get(record, "models")
     return default if isinstance(default, str) else None
 
@@ -159,12 +161,27 @@ def config_get(record: dict[str, Any] | None, *path: str) -> Any:
     return node
 
 
+def uses_models(record: dict[str, Any] | None) -> bool:
+    """True unless the run record's recipe disabled both model stages (``download``, ``refilter``)."""
+    cfg = (record or {}).get("config") or {}
+    if cfg.get("source") == "output":
+        return False
+    return bool((cfg.get("caption") or {}).get("enabled", True) or (cfg.get("score") or {}).get("enabled", True))
+
+
+def missing_keys(record: dict[str, Any] | None) -> list[str]:
+    """run.json sections that are absent or empty (``models: null`` of a model-free recipe is not missing)."""
+    rec = record or {}
+    return [k for k in RUN_KEYS
+            if not rec.get(k) and not (k == "models" and "models" in rec and not uses_models(rec))]
+
+
 def run_section(record: dict[str, Any] | None) -> dict[str, Any]:
     """The ``run`` part of the report: run.json's sections echoed, plus what is missing and the model ids."""
     rec = record or {}
     return {
         "present": record is not None,
-        "missing_keys": [k for k in RUN_KEYS if not rec.get(k)],
+        "missing_keys": missing_keys(record),
         "tiny_models": uses_tiny_models(record),
         "preset": preset_name(record),
         "model_ids": model_names(record),
