@@ -42,6 +42,7 @@ TRICKY = ROOT / "tests" / "fixtures" / "tricky"
 
 
 def best_per_item(fn, items, repeat: int) -> float:
+    """Best-of-``repeat`` CPU seconds per item of ``fn`` over ``items`` (time.process_time)."""
     best = float("inf")
     for _ in range(repeat):
         t0 = time.process_time()
@@ -52,6 +53,7 @@ def best_per_item(fn, items, repeat: int) -> float:
 
 
 def big_photo(size=(2400, 1800)) -> bytes:
+    """A real COCO photo upscaled to ``size`` (width, height) pixels, as JPEG q90 bytes."""
     src = Image.open(COCO[0]).convert("RGB").resize(size, Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     src.save(buf, format="JPEG", quality=90)
@@ -59,6 +61,7 @@ def big_photo(size=(2400, 1800)) -> bytes:
 
 
 def handoff(repeat: int) -> None:
+    """Compare hand-off formats (PPM, BMP, PNG) from the Pillow front end to img2dataset's Resizer."""
     proc = ImageProcessor(DownloadConfig())
     resizer = proc.resizer
     small = [Image.open(p).convert("RGB") for p in COCO[:40]]
@@ -71,6 +74,7 @@ def handoff(repeat: int) -> None:
         row = {}
         for name, kw in formats.items():
             def run(im, kw=kw):
+                """Encode ``im`` with these save options and resize it; returns the Resizer's output."""
                 buf = io.BytesIO()
                 im.save(buf, **kw)
                 out = resizer(io.BytesIO(buf.getvalue()))
@@ -102,6 +106,7 @@ def _patch(name, value):
 
 
 def fast_path(repeat: int) -> None:
+    """Plain upright JPEGs: original bytes to the Resizer vs a full Pillow decode first."""
     datas = [p.read_bytes() for p in COCO[:40]]
     proc = ImageProcessor(DownloadConfig())
     _ = proc.resizer
@@ -114,6 +119,7 @@ def fast_path(repeat: int) -> None:
 
 
 def draft(repeat: int) -> None:
+    """Large JPEGs to 384 px: DCT-scaled (draft) decode vs full decode."""
     data = [big_photo((2400, 1800)), big_photo((4000, 3000))]
     proc = ImageProcessor(DownloadConfig())
     _ = proc.resizer
@@ -148,6 +154,7 @@ print(json.dumps([time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SE
 
 
 def imports() -> None:
+    """Import time (s) and RSS (MB) of capfilt's img2dataset parts vs ``import img2dataset``, in subprocesses."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     res = {}
     for which in ("capfilt", "img2dataset"):
@@ -176,6 +183,7 @@ print(json.dumps([base, rows]))
 
 
 def bombs() -> None:
+    """Peak RSS (MB) while decoding each decompression-bomb fixture, in a fresh subprocess."""
     files = ["pillow_decompression_bomb.gif", "pillow_bmp_b_reallybig.bmp", "pillow_png_decompression_dos.png",
              "pillow_decompression_bomb_extents.gif"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -188,6 +196,7 @@ def bombs() -> None:
 
 
 def main() -> None:
+    """Run the decode/memory benchmarks and print their ratios."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()

@@ -60,6 +60,7 @@ def measure(mode: str, out: Path) -> dict:
 
 
 def main() -> None:
+    """Build a 10,000-row output, time `capfilt report` on it and print wall seconds and peak RSS."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=10_000)
     ap.add_argument("--rows-per-shard", type=int, default=1000)

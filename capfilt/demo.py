@@ -43,6 +43,7 @@ TINY_NOTICE = ("The [bold]tiny[/] preset is untrained: random weights, built loc
 
 class _Quiet(SimpleHTTPRequestHandler):
     def log_message(self, *args):
+        """Silence per-request logging of the demo server."""
         pass
 
 
@@ -115,6 +116,7 @@ def _print_samples(output: Path, console: Console, n: int = 4, noise: bool = Fal
     for c in t.column_names:
         table.add_column(c, overflow="fold", max_width=40)
     def fmt(v) -> str:
+        """One table cell: floats to 3 decimals, lists joined, long text cut to 60 characters."""
         if v is None:
             return ""
         if isinstance(v, float):

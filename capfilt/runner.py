@@ -77,6 +77,7 @@ def _actor_class(stage: Stage) -> type:
 
 def _task_fn(stage: Stage):
     def fn(batch: pa.Table) -> pa.Table:
+        """Run the task stage on one block (setup is idempotent and cheap)."""
         stage.setup()  # task stages keep setup idempotent and cheap
         return stage(batch)
 

@@ -296,6 +296,7 @@ class _HeaderView:
         self._headers = headers
 
     def get_all(self, name: str, default=None):
+        """All values of header ``name`` (the ``email.message`` API img2dataset's ``is_disallowed`` expects)."""
         values = self._headers.getlist(name)
         return values if values else default
 
@@ -420,6 +421,7 @@ class _Watchdog:
                 pass
 
     def cancel(self) -> None:
+        """Stop the deadline watchdog (the request finished in time)."""
         self._timer.cancel()
 
 

@@ -161,6 +161,7 @@ def scan_output(out: Location) -> tuple[list[CommittedPart], list[str]]:
     if not out.exists():
         return [], []
     def listing(loc: Location) -> dict[str, str]:
+        """Files directly in ``loc``: name -> filesystem path (empty if ``loc`` does not exist)."""
         if not loc.exists():
             return {}
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))

@@ -61,6 +61,7 @@ def _hub_cached(repo_id: str, revision: str | None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     def cached(name: str) -> bool:
+        """True if file ``name`` of the repo is in the local HF cache."""
         try:
             return isinstance(try_to_load_from_cache(repo_id, name, revision=revision), str)
         except ValueError:  # HFValidationError: not a valid repo id

@@ -60,6 +60,7 @@ class CaptionStage(Stage):
         images = column(batch, "image")
 
         def caption(rows: Sequence[int]) -> list[list[str]]:
+            """Captions for the given row indices (decoding included, so a bad image fails its row only)."""
             ims = [decode_image(images[r]) for r in rows]
             seeds = [row_seed(self.cfg.seed, str(keys[r])) for r in rows]
             return self.captioner.generate(ims, seeds, self.cfg)

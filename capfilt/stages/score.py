@@ -99,9 +99,11 @@ class ScoreStage(Stage):
         synth = column(batch, "synthetic_captions")
 
         def texts_of(r: int) -> list[str]:
+            """Candidate texts of row ``r``: the web caption (if any), then its synthetic captions."""
             return list(synth[r] or []) + ([web[r]] if _has_web(web[r]) else [])
 
         def score(rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
+            """Scores for the given row indices, one dict of per-scorer arrays per row."""
             ims = [decode_image(images[r]) for r in rows]
             return self._score(ims, [texts_of(r) for r in rows])
 

@@ -335,6 +335,7 @@ def build_blip_task(recipe: Any) -> BlipTask:
     m, objectives = recipe.model, tuple(recipe.objectives)
 
     def load(cls: Any, model_id: str) -> tuple[Any, Any]:
+        """Load (or randomly initialise) ``cls`` for ``model_id``; returns ``(model, processor)``."""
         proc = load_hf(AutoProcessor, model_id, m.builder, m.revision)
         cfg = apply_config_overrides(load_hf(AutoConfig, model_id, m.builder, m.revision), m.config_overrides)
         if m.init == "pretrained":

@@ -48,6 +48,7 @@ def _command(task: str):  # noqa: ANN202 - typer reads the signature
         cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per Ray Train worker.")] = 1.0,
         ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address (with --ray).")] = None,
     ) -> None:
+        """Train with the chosen recipe (the command's own help text lists the options)."""
         from capfilt.train.config import load_recipe
 
         console, err = Console(), Console(stderr=True)

@@ -398,6 +398,7 @@ class StreamingDataset(IterableDataset):
         state = {"pushing": None}
 
         def refs() -> Iterator[tuple[int, int]]:
+            """Yield ``(unit, row)`` references of this block in shuffle-buffer order."""
             for u, rows in block:
                 prev = state["pushing"]
                 if prev is not None and pending[prev] == 0:

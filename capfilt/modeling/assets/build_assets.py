@@ -31,6 +31,7 @@ def _captions() -> list[str]:
 
 
 def build_wordpiece(caps: list[str]) -> list[str]:
+    """The tiny BERT word-piece vocabulary: specials, characters and the commonest caption words."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
     basics = list(string.punctuation) + list(string.digits) + list(string.ascii_lowercase)
     pieces = ["##" + c for c in string.ascii_lowercase + string.digits]
@@ -44,6 +45,7 @@ def build_wordpiece(caps: list[str]) -> list[str]:
 
 
 def build_bpe(caps: list[str], style: str, vocab_size: int = 600) -> dict:
+    """Train a small byte-level BPE (``style`` clip or opt, ``vocab_size`` tokens) on the captions."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -74,6 +76,7 @@ def build_bpe(caps: list[str], style: str, vocab_size: int = 600) -> dict:
 
 
 def main() -> None:
+    """Regenerate the tiny tokenizer assets from the COCO captions fixture."""
     caps = _captions()
     (HERE / "tiny_wordpiece_vocab.txt").write_text("\n".join(build_wordpiece(caps)) + "\n")
     bpe = {"clip": build_bpe(caps, "clip"), "gpt2": build_bpe(caps, "gpt2")}
