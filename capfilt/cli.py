@@ -130,10 +130,12 @@ def demo(
 def _register_subcommands() -> None:
     """Add the report/inspect and train commands (their packages own them; imports stay lazy)."""
     from capfilt.report.cli import register as register_report
+    from capfilt.synthetic.cli import register as register_synthetic
     from capfilt.train.cli import register as register_train
 
     register_report(app)
     register_train(app)
+    register_synthetic(app)
 
 
 _register_subcommands()

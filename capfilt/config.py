@@ -399,13 +399,21 @@ def load_pipeline(name_or_path: str = "blip", overrides: list[str] | dict[str, A
 
 
 def load_preset(name_or_path: str = "blip-large") -> ModelPreset:
-    """Load a model preset by bundled name (``blip-large``, ``blip-base``, ``blip2``, ``tiny``) or YAML path.
+    """Load a model preset by bundled name (``blip-large``, ``blip-base``, ``blip2``, ``tiny``, ``shapes``) or YAML path.
+
+    A model ``id`` starting with ``./`` or ``../`` is a folder relative to the preset file (how the
+    bundled ``shapes`` preset finds the weights shipped next to it); it is made absolute here.
 
     Raises:
         ConfigError: unknown preset, invalid YAML, unknown keys or invalid values.
     """
     path = _resolve_yaml(name_or_path, "models")
+    data = _load_yaml(path)
+    for role in ("captioner", "filter", "clip"):
+        spec = data.get(role)
+        if isinstance(spec, dict) and isinstance(spec.get("id"), str) and spec["id"].startswith(("./", "../")):
+            spec["id"] = str((path.parent / spec["id"]).resolve())
     try:
-        return ModelPreset.model_validate(_load_yaml(path))
+        return ModelPreset.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, f"model preset {path}")) from None

@@ -24,8 +24,9 @@ _HELP = {
 
 def _command(task: str):  # noqa: ANN202 - typer reads the signature
     def command(
-        data: Annotated[str, typer.Option("--data", "-d", help="capfilt output folder (local or s3://...), or a COCO "
-                                          "captions_*.json (images/ next to it, or --images).")],
+        data: Annotated[list[str], typer.Option("--data", "-d", help="capfilt output folder (local or s3://...), or a "
+                                                "COCO captions_*.json (images/ next to it, or --images). Repeat to "
+                                                "train on several as one dataset.")],
         output: Annotated[str, typer.Option("--output", "-o", help="Checkpoint folder: logs, checkpoints/, "
                                             "final/<model>/ in Hugging Face format, final/preset.yaml.")],
         recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help=f"Training recipe name (models/train/) "
@@ -63,13 +64,13 @@ def _command(task: str):  # noqa: ANN202 - typer reads the signature
             if ray:
                 from capfilt.train.ray_train import train_with_ray
 
-                res = train_with_ray(rec, data, output, num_workers=workers, use_gpu=gpu,
+                res = train_with_ray(rec, data if len(data) > 1 else data[0], output, num_workers=workers, use_gpu=gpu,
                                      cpus_per_worker=cpus_per_worker, images=images, stop_after=stop_after,
                                      resume=resume, overwrite=overwrite, ray_address=ray_address)
             else:
                 from capfilt.train.loop import train
 
-                res = train(rec, data, output, images=images, stop_after=stop_after, resume=resume,
+                res = train(rec, data if len(data) > 1 else data[0], output, images=images, stop_after=stop_after, resume=resume,
                             overwrite=overwrite,
                             echo=lambda line: console.print(line, markup=False, highlight=False))
         except CapfiltError as e:

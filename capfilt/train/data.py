@@ -461,11 +461,56 @@ def collate_common(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def open_source(data: str, fmt: str = "auto", images: str | None = None, rows_per_unit: int = 256) -> RowSource:
+class ConcatSource:
+    """Several sources read as one (``--data A --data B``: e.g. curated web shards plus a human-captioned set).
+
+    Units are the sources' units in order. Groups are made unique across sources (source ``s``'s
+    group ``g`` becomes ``s * 2**40 + g``), so rows of different sources are never ITC positives
+    of each other by accident (COCO image ids and capfilt row indices overlap).
+
+    Args:
+        sources: the sources, at least one.
+    """
+
+    GROUP_STRIDE = 1 << 40
+
+    def __init__(self, sources: Sequence[RowSource]) -> None:
+        if not sources:
+            raise InputError("no training data given")
+        self.sources = list(sources)
+        self._starts = np.cumsum([0] + [s.num_units() for s in self.sources]).astype(np.int64)
+
+    def _locate(self, unit: int) -> tuple[int, int]:
+        s = int(np.searchsorted(self._starts, unit, side="right") - 1)
+        return s, unit - int(self._starts[s])
+
+    def num_units(self) -> int:
+        """Sum of the sources' units."""
+        return int(self._starts[-1])
+
+    def kept_rows(self, unit: int) -> np.ndarray:
+        """The usable rows of ``unit`` (in its source's numbering)."""
+        s, u = self._locate(unit)
+        return self.sources[s].kept_rows(u)
+
+    def read(self, unit: int, rows: Sequence[int]) -> dict[int, Record]:
+        """The source's records with their group offset by ``s * GROUP_STRIDE``."""
+        s, u = self._locate(unit)
+        recs = self.sources[s].read(u, rows)
+        return {r: Record(rec.key, rec.image, rec.texts, s * self.GROUP_STRIDE + rec.group) for r, rec in recs.items()}
+
+    def describe(self) -> str:
+        """The sources' descriptions joined with ``" + "``."""
+        return " + ".join(s.describe() for s in self.sources)
+
+
+def open_source(data: str | Sequence[str], fmt: str = "auto", images: str | None = None,
+                rows_per_unit: int = 256) -> RowSource:
     """The :class:`RowSource` for ``--data``.
 
     Args:
-        data: a capfilt output folder / shard, or a COCO ``captions_*.json`` (local or URI).
+        data: a capfilt output folder / shard, or a COCO ``captions_*.json`` (local or URI); a list
+            of them is read as one :class:`ConcatSource` (``images`` and ``fmt`` apply to each).
         fmt: ``capfilt``, ``coco`` or ``auto`` (``.json`` means COCO).
         images: COCO image folder (see :class:`capfilt.train.coco.CocoCaptions`).
         rows_per_unit: COCO annotations per unit.
@@ -473,6 +518,11 @@ def open_source(data: str, fmt: str = "auto", images: str | None = None, rows_pe
     Raises:
         InputError: the data cannot be read (message names the path and what is wrong).
     """
+    if not isinstance(data, str):
+        items = list(data)
+        if len(items) != 1:
+            return ConcatSource([open_source(d, fmt, images, rows_per_unit) for d in items])
+        data = items[0]
     if fmt == "coco" or (fmt == "auto" and data.rstrip("/").endswith(".json")):
         from capfilt.train.coco import CocoCaptions
 

@@ -31,7 +31,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,14 +212,15 @@ def write_preset(recipe: TrainRecipe, final: Path, components: dict[str, str]) -
 # ------------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------------
-def train(recipe: TrainRecipe, data: str, output: str | Path, *, images: str | None = None,
+def train(recipe: TrainRecipe, data: str | Sequence[str], output: str | Path, *, images: str | None = None,
           stop_after: int | None = None, resume: bool = True, overwrite: bool = False,
           device: torch.device | str | None = None, echo: Callable[[str], None] | None = print) -> TrainResult:
     """Train ``recipe`` on ``data`` into ``output`` (module docstring for the layout).
 
     Args:
         recipe: a :class:`~capfilt.train.config.TrainRecipe`.
-        data: capfilt output folder / shard or COCO ``captions_*.json`` (local or URI).
+        data: capfilt output folder / shard or COCO ``captions_*.json`` (local or URI), or a list
+            of them read as one dataset (:class:`~capfilt.train.data.ConcatSource`).
         output: local (or shared) folder for logs and checkpoints.
         images: COCO image folder (overrides ``recipe.data.images``).
         stop_after: stop once this step is done, writing a checkpoint (the schedule still spans
@@ -250,7 +251,7 @@ def train(recipe: TrainRecipe, data: str, output: str | Path, *, images: str | N
         torch.set_num_threads(threads)
 
 
-def _train(recipe: TrainRecipe, data: str, out: Path, dev: torch.device, images: str | None,
+def _train(recipe: TrainRecipe, data: str | Sequence[str], out: Path, dev: torch.device, images: str | None,
            stop_after: int | None, resume: bool, overwrite: bool, echo: Callable[[str], None] | None) -> TrainResult:
     rank, world = _dist()
     tr, dc = recipe.train, recipe.data
