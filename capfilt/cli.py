@@ -114,15 +114,20 @@ def run(
 @app.command()
 def demo(
     output: Annotated[str, typer.Option(help="Output folder for the demo run.")] = "capfilt-demo",
-    models: Annotated[str, typer.Option(help="Model preset; the default tiny preset needs no download.")] = "tiny",
+    world: Annotated[str, typer.Option(help="shapes: the synthetic shapes world with labelled web noise and models "
+                                       "capfilt trained on it; photos: the bundled real photos.")] = "shapes",
+    models: Annotated[Optional[str], typer.Option(help="Model preset (default: shapes for the shapes world, the "
+                                                  "untrained tiny preset for photos).")] = None,
     pipeline: Annotated[str, typer.Option(help="Recipe to run.")] = "blip",
+    rows: Annotated[int, typer.Option(help="Image-text pairs of the shapes world.", min=1)] = 200,
     overwrite: Annotated[bool, typer.Option(help="Start again if the output exists.")] = True,
 ) -> None:
-    """Offline demo: serve bundled CC0/public-domain photos on 127.0.0.1 and run CapFilt on them."""
+    """Offline demo on 127.0.0.1: CapFilt on a labelled toy world (default) or on bundled CC0 photos."""
     from capfilt.demo import run_demo
 
     try:
-        run_demo(Path(output), models=models, pipeline=pipeline, overwrite=overwrite, console=console)
+        run_demo(Path(output), models=models, pipeline=pipeline, overwrite=overwrite, console=console, world=world,
+                 rows=rows)
     except CapfiltError as e:
         _fail(e)
 

@@ -1,8 +1,16 @@
-"""``capfilt demo``: the whole pipeline offline, on bundled real photos served from 127.0.0.1.
+"""``capfilt demo``: the whole pipeline offline, on data served from 127.0.0.1.
 
-The photos (``capfilt/demo_data``, CC0/public domain, see SOURCES.md there) are served by a
-throw-away HTTP server; a small LAION-style parquet (``URL``, ``TEXT``) points at them, with two
-captions swapped on purpose, one missing image and one non-image, so every column and status shows.
+Two worlds:
+
+- ``shapes`` (default): a web split of the synthetic shapes world (:mod:`capfilt.synthetic`) whose
+  web captions carry labelled noise, run with the ``shapes`` preset: a captioner and filter that
+  capfilt trained on that world (``capfilt bootstrap``). The summary shows what CapFilt did: web
+  captions removed per noise type, synthetic captions that are right, the noise ratio. A toy world:
+  it shows the method working, not the quality on real photos.
+- ``photos``: the bundled CC0/public-domain photos (``capfilt/demo_data``, see SOURCES.md there)
+  with a small LAION-style parquet (``URL``, ``TEXT``) that swaps two captions on purpose and has
+  one missing image and one non-image, so every column and status shows. Meant for real
+  checkpoints (``--models blip-base``) or the untrained ``tiny`` preset (pipeline shape only).
 """
 
 from __future__ import annotations
@@ -66,40 +74,135 @@ def write_demo_input(path: Path, base_url: str) -> Path:
     return path
 
 
-def run_demo(output: Path, models: str = "tiny", pipeline: str = "blip", overwrite: bool = True,
-             console: Console | None = None, progress: bool = True):
-    """Serve the demo photos, run ``pipeline`` with ``models`` into ``output``, print a summary.
+SHAPES_NOTICE = ("This is a [bold]toy world[/]: procedural coloured shapes with web captions that carry labelled "
+                 "noise, and a small captioner and filter that capfilt trained on this world "
+                 "(`capfilt bootstrap`). It shows CapFilt doing its job where the truth is known; it says nothing "
+                 "about quality on real photos. For real data use real checkpoints:\n"
+                 "  capfilt run --input laion.parquet --output OUT --models blip-large   # GPU recommended")
+#: Rows and world seed of the shapes demo (the shipped models were trained on seed 0's splits).
+SHAPES_DEMO_ROWS = 200
+SHAPES_DEMO_SEED = 2026
+
+
+def run_demo(output: Path, models: str | None = None, pipeline: str = "blip", overwrite: bool = True,
+             console: Console | None = None, progress: bool = True, world: str = "shapes",
+             rows: int = SHAPES_DEMO_ROWS):
+    """Serve the demo data on 127.0.0.1, run ``pipeline`` with ``models`` into ``output``, print a summary.
+
+    Args:
+        world: ``shapes`` (labelled synthetic web pairs, ``shapes`` preset by default) or ``photos``
+            (the bundled photos, ``tiny`` preset by default); see the module docstring.
+        rows: image-text pairs of the shapes world.
 
     Returns:
         The :class:`capfilt.api.RunResult`.
+
+    Raises:
+        capfilt.errors.ConfigError: unknown ``world``.
     """
     from capfilt.api import RunOptions, run
     from capfilt.cli import print_summary
+    from capfilt.config import ConfigError, load_preset
 
+    if world not in ("shapes", "photos"):
+        raise ConfigError(f"unknown demo world {world!r}: shapes or photos")
+    models = models or ("shapes" if world == "shapes" else "tiny")
     console = console or Console()
-    httpd, base = serve(DEMO_DIR)
     tmp = Path(tempfile.mkdtemp(prefix="capfilt-demo-"))
     try:
-        inp = write_demo_input(tmp / "demo.parquet", base)
-        console.print(f"serving {len(DEMO_ROWS)} demo rows from {base} (bundled CC0/public-domain photos)")
-        result = run(RunOptions(inputs=[str(inp)], output=str(output), pipeline=pipeline, models=models,
-                                overrides=["download.allow_private_network=true", "output.rows_per_shard=4",
-                                           "download.timeout=5"],
-                                overwrite=overwrite, progress=progress))
+        if world == "shapes":
+            from capfilt.synthetic.splits import write_split
+
+            write_split(tmp / "web", "web", rows, SHAPES_DEMO_SEED)
+            serve_dir, meta = tmp / "web", pq.read_table(tmp / "web" / "meta.parquet")
+        else:
+            serve_dir, meta = DEMO_DIR, None
+        httpd, base = serve(serve_dir)
+        try:
+            if meta is not None:
+                inp = tmp / "demo.parquet"
+                pq.write_table(meta.set_column(0, "url", pa.array([f"{base}/{u}" for u in meta.column("url").to_pylist()])),
+                               inp)
+                console.print(f"serving {rows} shapes-world web pairs from {base} (toy world, labelled noise)")
+            else:
+                inp = write_demo_input(tmp / "demo.parquet", base)
+                console.print(f"serving {len(DEMO_ROWS)} demo rows from {base} (bundled CC0/public-domain photos)")
+            result = run(RunOptions(inputs=[str(inp)], output=str(output), pipeline=pipeline, models=models,
+                                    overrides=["download.allow_private_network=true",
+                                               f"output.rows_per_shard={100 if meta is not None else 4}",
+                                               "download.timeout=5"],
+                                    overwrite=overwrite, progress=progress))
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
         shutil.copy(inp, Path(output) / "_capfilt" / "demo_input.parquet")
     finally:
-        httpd.shutdown()
-        httpd.server_close()
         shutil.rmtree(tmp, ignore_errors=True)
-    from capfilt.config import load_preset
-
-    untrained = load_preset(models).builder == "tiny"
     print_summary(result, console)
+    if world == "shapes":
+        _print_shapes_summary(Path(output), result, console)
+        console.print(Panel(SHAPES_NOTICE, title="about this demo", border_style="yellow"))
+        console.print(f"next: capfilt report {output} --label-col noise_type   (HTML report, filter vs labels)")
+        return result
+    untrained = load_preset(models).builder == "tiny"
     _print_samples(Path(output), console, noise=untrained)
     if untrained:
         console.print(Panel(TINY_NOTICE, title="about these captions", border_style="yellow"))
     console.print(f"next: capfilt report {output}   (HTML report)   |   capfilt inspect {output}")
     return result
+
+
+def _print_shapes_summary(output: Path, result, console: Console, n: int = 8) -> None:
+    """What CapFilt did to the labelled web captions, and a few rows side by side."""
+    import json
+    from collections import Counter
+
+    import pyarrow.dataset as ds
+
+    from capfilt.synthetic.evaluate import output_report
+    from capfilt.synthetic.world import NOISE_TYPES, caption_correct
+
+    threshold = result.record.get("config", {}).get("select", {}).get("itm_threshold")
+    threshold = 0.5 if threshold is None else float(threshold)
+    rep = output_report(str(output), threshold)
+    f = rep["filter"]
+    t = Table(title=f"web captions by label (ITM threshold {threshold})", title_justify="left")
+    t.add_column("web caption is")
+    t.add_column("rows", justify="right")
+    t.add_column("removed by the filter", justify="right")
+    for kind in NOISE_TYPES:
+        rows = f["counts"].get(kind, 0)
+        if not rows:
+            continue
+        removed = (1 - f["clean_keep_rate"]) if kind == "clean" else f["recall"][kind]
+        t.add_row(kind + (" (should stay)" if kind == "clean" else ""), str(rows), f"{removed:.0%}")
+    console.print(t)
+    s, sk = rep["synthetic"], rep["synthetic_kept"]
+    console.print(f"noise ratio (web captions removed): {f['noise_ratio']:.0%}; removals that were really noisy: "
+                  f"{f['precision']:.0%}")
+    console.print(f"synthetic captions exactly right: {s['exact']:.0%} of {s['n']} "
+                  f"(colours {s['colors']:.0%}, shapes {s['shapes']:.0%}, counts {s['count']:.0%}); "
+                  f"of those the filter kept: {sk['exact']:.0%} of {sk['n']}")
+    cols = ["noise_type", "caption", "web_itm", "synthetic_captions", "synthetic_itm", "objects", "status"]
+    rows = [r for r in ds.dataset(str(output), format="parquet").to_table(columns=cols).to_pylist()
+            if r["status"] == "success"]
+    picked, seen = [], set()
+    for r in rows:  # one row per noise type first, then the rest
+        if r["noise_type"] not in seen:
+            seen.add(r["noise_type"])
+            picked.append(r)
+    picked += [r for r in rows if r not in picked][: max(0, n - len(picked))]
+    table = Table(title="sample rows", title_justify="left")
+    for c in ("label", "web caption", "ITM", "kept", "synthetic caption", "right?"):
+        table.add_column(c, overflow="fold", max_width=42)
+    for r in picked[:n]:
+        content = Counter((o["color"], o["shape"]) for o in json.loads(r["objects"]))
+        syn = (r["synthetic_captions"] or [""])[0]
+        itm = r["web_itm"]
+        table.add_row(r["noise_type"], r["caption"], "" if itm is None else f"{itm:.2f}",
+                      "yes" if itm is not None and itm >= threshold else "no", syn,
+                      "yes" if caption_correct(syn, content) else "no")
+    console.print(table)
 
 
 def _print_samples(output: Path, console: Console, n: int = 4, noise: bool = False) -> None:

@@ -213,32 +213,21 @@ class Experiment:
 
     def _evaluate(self, data: Path, curated: Path, captioner: Path, filt: Path, raw_filter: Path,
                   curated_filter: Path, seed: int) -> dict[str, Any]:
-        import pyarrow.dataset as ds
         import pyarrow.parquet as pq
         import torch
 
-        from capfilt.config import CaptionConfig, load_pipeline
-        from capfilt.synthetic.evaluate import caption_report, decode, filter_report, generate_captions, retrieval
+        from capfilt.config import load_pipeline
+        from capfilt.synthetic.evaluate import caption_report, decode, generate_captions, output_report, retrieval
 
         threads = torch.get_num_threads()
         torch.set_num_threads(2)
         try:
-            rows = ds.dataset(str(curated), format="parquet").to_table(
-                columns=["key", "status", "noise_type", "objects", "caption", "web_itm", "caption_sources",
-                         "synthetic_captions", "synthetic_itm"]).to_pylist()
-            ok = [r for r in rows if r["status"] == "success"]
-            kept = [r["web_itm"] is not None and r["web_itm"] >= self.threshold for r in ok]
-            filt_rep = filter_report(kept, [r["noise_type"] for r in ok])
-            contents = [Counter((o["color"], o["shape"]) for o in json.loads(r["objects"])) for r in ok]
-            syn = [(r["synthetic_captions"] or [""])[0] for r in ok]
-            syn_rep = caption_report(syn, contents)
-            syn_kept = [s for s, r in zip(syn, ok) if r["synthetic_itm"] and r["synthetic_itm"][0] >= self.threshold]
-            syn_kept_c = [c for c, r in zip(contents, ok) if r["synthetic_itm"] and r["synthetic_itm"][0] >= self.threshold]
+            cur = output_report(str(curated), self.threshold)
             test = pq.read_table(data / "test" / "meta.parquet").to_pylist()
             images = decode([(data / "test" / r["url"]).read_bytes() for r in test])
             truth = [parse_caption(r["true_caption"]) for r in test]
             cap = _captioner(captioner)
-            cfg = CaptionConfig.model_validate(load_pipeline("blip").caption.model_dump())
+            cfg = load_pipeline("blip").caption
             n = min(self.size.eval_captions, len(images))
             caps = generate_captions(cap, images[:n], cfg, seed)
             cap_rep = caption_report(caps, truth[:n])
@@ -250,11 +239,12 @@ class Experiment:
             torch.set_num_threads(threads)
         return {
             "seed": seed,
-            "rows": len(rows), "downloaded": len(ok),
-            "filter": {**filt_rep, "threshold": self.threshold},
+            "rows": cur["rows"], "downloaded": cur["downloaded"],
+            "filter": cur["filter"],
             "captioner": {"exact_match": cap_rep["exact"], "attributes": cap_rep, "examples": caps[:8],
-                          "web": {"exact_match": syn_rep["exact"], "kept": len(syn_kept),
-                                  "kept_exact_match": caption_report(syn_kept, syn_kept_c)["exact"] if syn_kept else None}},
+                          "web": {"exact_match": cur["synthetic"]["exact"],
+                                  "kept": cur["synthetic_kept"]["n"],
+                                  "kept_exact_match": cur["synthetic_kept"]["exact"]}},
             "finetuned_filter_retrieval": fin,
             "downstream": down,
         }

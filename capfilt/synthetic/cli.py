@@ -38,6 +38,9 @@ def bootstrap(
     seeds: Annotated[int, typer.Option(help="Number of seeds (0, 1, ...); results are means over them.", min=1)] = 3,
     quick: Annotated[bool, typer.Option("--quick", help="Small size (a few minutes; the test suite's).")] = False,
     threshold: Annotated[float, typer.Option(help="ITM threshold of the filter.", min=0.0, max=1.0)] = 0.5,
+    export_models: Annotated[Optional[str], typer.Option(help="Copy seed 0's finetuned captioner and filter to "
+                                                         "DIR/captioner and DIR/filter (how models/shapes/ is "
+                                                         "built).")] = None,
 ) -> None:
     """BLIP's CapFilt experiment in the shapes world: pre-train, finetune captioner and filter, capfilt run
     the noisy web split, pre-train again on raw vs curated data, compare. Writes bootstrap.json/.md."""
@@ -51,6 +54,11 @@ def bootstrap(
     except CapfiltError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    if export_models:
+        from capfilt.synthetic.bootstrap import copy_models
+
+        copy_models(Path(output), 0, Path(export_models))
+        console.print(f"seed 0's captioner and filter copied to {export_models}/captioner, {export_models}/filter")
     console.print((Path(output) / "bootstrap.md").read_text(), markup=False, highlight=False)
     console.print(f"results: {Path(output) / 'bootstrap.json'} (wall {results['wall_s']:.0f} s)")
 

@@ -132,3 +132,36 @@ def retrieval(scorer: Any, images: Sequence[Image.Image], texts: Sequence[str], 
             ir_itc += contents[j0] == text_sets[t]
     n = max(len(images), 1)
     return {"tr1": tr / n, "ir1": ir / n, "tr1_itc": tr_itc / n, "ir1_itc": ir_itc / n}
+
+
+def output_report(output: str, threshold: float) -> dict[str, Any]:
+    """Grade a ``capfilt run`` output of a shapes-world split against its labels.
+
+    Reads the committed shards' ``status``, ``noise_type``, ``objects``, ``web_itm``,
+    ``synthetic_captions`` and ``synthetic_itm`` columns.
+
+    Args:
+        output: the run's output folder.
+        threshold: the ITM threshold the run's filter used.
+
+    Returns:
+        ``{"rows", "downloaded", "filter": filter_report(...) + threshold, "synthetic": caption_report
+        of the first synthetic caption of every image, "synthetic_kept": the same over the synthetic
+        captions the filter kept}``.
+    """
+    import json
+
+    import pyarrow.dataset as ds
+
+    cols = ["status", "noise_type", "objects", "web_itm", "synthetic_captions", "synthetic_itm"]
+    rows = ds.dataset(str(output), format="parquet").to_table(columns=cols).to_pylist()
+    ok = [r for r in rows if r["status"] == "success"]
+    kept = [r["web_itm"] is not None and r["web_itm"] >= threshold for r in ok]
+    contents = [Counter((o["color"], o["shape"]) for o in json.loads(r["objects"])) for r in ok]
+    syn = [(r["synthetic_captions"] or [""])[0] for r in ok]
+    syn_ok = [bool(r["synthetic_itm"]) and r["synthetic_itm"][0] >= threshold for r in ok]
+    return {"rows": len(rows), "downloaded": len(ok),
+            "filter": {**filter_report(kept, [r["noise_type"] for r in ok]), "threshold": threshold},
+            "synthetic": caption_report(syn, contents),
+            "synthetic_kept": caption_report([s for s, k in zip(syn, syn_ok) if k],
+                                             [c for c, k in zip(contents, syn_ok) if k])}

@@ -101,13 +101,13 @@ class Scene:
 # scenes and images
 # ------------------------------------------------------------------------------------------------
 def sample_scene(rng: np.random.Generator) -> Scene:
-    """Draw a scene: 1-3 objects (``OBJECT_COUNT_P``), sizes 7-12 px radius, centres at least
+    """Draw a scene: 1-3 objects (``OBJECT_COUNT_P``), sizes 8-13 px radius, centres at least
     ``0.8 x (r1 + r2)`` apart (slight occlusion, never hidden), inside the frame."""
     n = int(rng.choice(OBJECT_COUNTS, p=OBJECT_COUNT_P))
     colors, shapes = list(COLORS), list(SHAPES)
     objs: list[Obj] = []
     while len(objs) < n:
-        r = float(rng.uniform(7.0, 12.0))
+        r = float(rng.uniform(8.0, 13.0))
         for _ in range(100):
             x, y = (float(v) for v in rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2))
             if all(math.hypot(x - o.x, y - o.y) >= 0.8 * (r + o.size) for o in objs):
