@@ -18,3 +18,8 @@ class ModelLoadError(CapfiltError):
 
 class OutputError(CapfiltError):
     """The output folder cannot be used: overlaps the input, or holds a run of another recipe."""
+
+
+class LabelError(CapfiltError):
+    """``capfilt report --label-col``: the label column is missing, unusable, or has no value meaning
+    "the web caption matches its image" (raised before or right after reading the shards)."""

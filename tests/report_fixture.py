@@ -40,6 +40,12 @@ FAILURES = [
 ]
 REPETITIVE = ["a dai dai dai dai dai", "a man riding a wave on a wave on a wave"]
 GENERIC = "a picture of a room with a table"
+#: The synthetic world's ``noise_type`` values with their share of rows and the Beta(a, b) the web
+#: caption's ITM score is drawn from (clean high, unrelated low, subtle noise in between).
+NOISE_TYPES: dict[str, tuple[float, float, float]] = {
+    "clean": (0.5, 5.0, 1.6), "unrelated": (0.2, 1.3, 5.0), "wrong_attribute": (0.12, 2.5, 2.5),
+    "wrong_count": (0.08, 2.2, 2.8), "junk": (0.1, 1.0, 6.0),
+}
 
 
 def _nullable(s: pa.Schema) -> pa.Schema:
@@ -87,7 +93,8 @@ def _variant(item: dict, rng: np.random.Generator) -> tuple[bytes, int, int]:
 
 def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Literal["blip", "blip2", "download"] = "blip",
                 seed: int = 0, incomplete_shards: int = 0, run_json: Literal["full", "partial", "none"] = "full",
-                models: str = "tiny", unique_images: bool = False, row_group_rows: int | None = None) -> Path:
+                models: str = "tiny", unique_images: bool = False, row_group_rows: int | None = None,
+                noise_col: str | None = None) -> Path:
     """Write a capfilt output with ``rows`` rows into ``out``.
 
     Args:
@@ -101,6 +108,10 @@ def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Li
             resized to 384 px on the longer side, JPEG q90), as a real run stores distinct images;
             otherwise the 79 thumbnails repeat (and Parquet's dictionary encoding dedups them).
         row_group_rows: rows per Parquet row group (default: half a shard, so readers meet several).
+        noise_col: add a pass-through string column of this name holding a :data:`NOISE_TYPES` label
+            for every row (the synthetic world's ``noise_type``, about 1 row in 40 null), and draw each
+            scored web caption's ITM from its label's Beta distribution (a second seeded RNG, so the
+            other columns are the same as without it); the select step follows those scores.
 
     Returns:
         ``out``.
@@ -116,7 +127,11 @@ def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Li
     config_json = config.model_dump(mode="json")
     config_json["models"] = models
     thr = config.select.itm_threshold
-    out_schema = schema.output_schema(scorers=scorers, run_id="fixture-run")
+    passthrough = [pa.field(noise_col, pa.string())] if noise_col else []
+    out_schema = schema.output_schema(passthrough, scorers=scorers, run_id="fixture-run")
+    lrng = np.random.default_rng(seed + 10_000)
+    names = list(NOISE_TYPES)
+    shares = np.array([NOISE_TYPES[k][0] for k in names])
     if recipe == "download":  # no caption/score/select columns at all
         dropped = {f.name for f in schema.CAPTION_FIELDS + schema.SELECT_FIELDS}
         out_schema = pa.schema([f for f in out_schema if f.name not in dropped], metadata=out_schema.metadata)
@@ -126,6 +141,9 @@ def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Li
         it = items[i % len(items)]
         r: dict = {"key": f"{i:09d}", "url": f"http://127.0.0.1:8000/coco/{it['id']:012d}.jpg?n={i}"}
         r["caption"] = None if i % 37 == 5 else it["captions"][i % len(it["captions"])]
+        label = names[int(lrng.choice(len(names), p=shares / shares.sum()))] if noise_col else None
+        if noise_col:
+            r[noise_col] = None if i % 41 == 7 else label
         fail = rng.random() < 0.12
         if fail:
             st, msg = FAILURES[int(rng.integers(len(FAILURES)))]
@@ -156,6 +174,9 @@ def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Li
                   "clip": lambda k: rng.normal(0.27, 0.05, k)}
         syn_scores = {s: scores[s](n_syn).astype(np.float32) for s in scorers}
         web_scores = {s: (None if r["caption"] is None else float(np.float32(scores[s](1)[0]))) for s in scorers}
+        if noise_col and "itm" in scorers and r["caption"] is not None:
+            _, a, b = NOISE_TYPES[label]
+            web_scores["itm"] = float(np.float32(lrng.beta(a, b)))
         r["synthetic_captions"] = syn
         for s in scorers:
             r[f"synthetic_{s}"] = syn_scores[s].tolist()

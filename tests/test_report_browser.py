@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from capfilt.report import build_report
-from capfilt.report.html import SECTIONS
+from capfilt.report.html import LABELS_SECTION, SECTIONS, sections
 from tests.report_fixture import make_output
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -79,5 +79,32 @@ def test_report_renders_in_chromium(tmp_path, browser, recipe):
     shot = tmp_path / f"report-{recipe}.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 50_000
 
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert errors == []
+
+
+def test_labels_section_renders_in_chromium(tmp_path, browser):
+    """``--label-col``: the "Filter vs labels" section is shown after "Filter", its confusion matrix has
+    one row per label value, and the precision/recall figure decodes."""
+    out = make_output(tmp_path / "out", rows=120, rows_per_shard=40, seed=3, noise_col="noise_type")
+    html = tmp_path / "report.html"
+    data = build_report(out, html=html, json_path=tmp_path / "report.json", samples=4, label_col="noise_type")
+    browser.get(html.as_uri())
+
+    headings = [h.text for h in browser.find_elements("css selector", "section > h2")]
+    assert headings == [title for _sid, title in sections(data)]
+    assert headings.index(LABELS_SECTION[1]) == headings.index("Filter") + 1
+    section = browser.find_element("id", LABELS_SECTION[0])
+    assert section.is_displayed()
+    rows = section.find_elements("css selector", "table.confusion tbody tr")
+    assert len(rows) == len(data["labels"]["classes"]) == 5 and all(r.is_displayed() for r in rows)
+    assert rows[0].find_elements("tag name", "td")[0].text == "clean (matches)"
+    assert [r.find_elements("tag name", "td")[3].text for r in rows] == [f"{c['kept']:,}" for c in data["labels"]["classes"]]
+    assert "Suggested threshold: itm ≥" in section.text
+    fig = browser.execute_script(
+        "const i = document.querySelector('#labels img.plot[data-plot=labels_pr]');"
+        " return i && [i.complete, i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().width]")
+    assert fig and fig[0] and fig[1] > 100 and fig[2] > 100 and fig[3] > 100, fig
+    assert browser.find_element("css selector", 'nav a[href="#labels"]').text == LABELS_SECTION[1]
     errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert errors == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def _write_text(target: str | Path, text: str) -> str:
 
 
 def build_report(out: str | Path, html: str | Path | None = None, json_path: str | Path | None = None,
-                 samples: int = 24, seed: int = 0) -> dict[str, Any]:
+                 samples: int = 24, seed: int = 0, label_col: str | None = None,
+                 label_positive: Sequence[str] | None = None) -> dict[str, Any]:
     """Write the dataset-quality report of a capfilt output (complete or interrupted).
 
     Args:
@@ -47,6 +49,10 @@ def build_report(out: str | Path, html: str | Path | None = None, json_path: str
         json_path: where to write the JSON with every number; default ``OUT/_capfilt/report.json``.
         samples: images in the sample grid (drawn uniformly among downloaded rows).
         seed: seed of that draw.
+        label_col: a pass-through column of ground-truth labels (``noise_type``, an audit column):
+            adds the "Filter vs labels" section and the ``labels`` key (:mod:`capfilt.report.labels`).
+        label_positive: label values meaning "the web caption matches its image" (repeatable,
+            each possibly comma-separated); default: ``clean``, ``true``, ``1``, ``yes``, ... .
 
     Returns:
         The report data as written to the JSON file, plus ``"files": {"html": uri, "json": uri}``
@@ -54,10 +60,12 @@ def build_report(out: str | Path, html: str | Path | None = None, json_path: str
 
     Raises:
         capfilt.errors.OutputError: if ``out`` is not a folder.
+        capfilt.errors.LabelError: if ``label_col`` is missing or has no positive value (nothing is
+            written then).
         OSError: if a report file cannot be written.
     """
     loc = locate(str(out))
-    result = compute_report_data(loc, samples=samples, seed=seed)
+    result = compute_report_data(loc, samples=samples, seed=seed, label_col=label_col, label_positive=label_positive)
     data = json_safe(result.data)
     plots = render_plots(data)
     html_uri = _write_text(html if html is not None else loc.join(DEFAULT_HTML).uri,

@@ -25,7 +25,18 @@ SECTIONS: list[tuple[str, str]] = [
     ("captions", "Captions"),
     ("samples", "Samples"),
 ]
+#: The section added after "Filter" when the report evaluates the filter against labels (``--label-col``).
+LABELS_SECTION: tuple[str, str] = ("labels", "Filter vs labels")
 THUMB_PX = 240
+
+
+def sections(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(id, heading)`` of this report's sections: :data:`SECTIONS`, plus :data:`LABELS_SECTION`
+    after "Filter" when ``data["labels"]`` is set."""
+    out = list(SECTIONS)
+    if data.get("labels"):
+        out.insert([sid for sid, _ in out].index("filter") + 1, LABELS_SECTION)
+    return out
 
 _CSS = """
 :root{--ink:#1e293b;--muted:#64748b;--line:#e2e8f0;--bg:#f8fafc;--card:#fff;--web:#2563eb;--syn:#ea580c;
@@ -85,6 +96,7 @@ pre{background:#f1f5f9;border-radius:6px;padding:10px;overflow:auto;font-size:12
 .badge{display:inline-block;border-radius:4px;padding:0 6px;font-size:11px;font-weight:600}
 .badge.keep{background:var(--okbg);color:var(--ok)}.badge.drop{background:var(--badbg);color:var(--bad)}
 .unavailable{color:var(--muted);font-style:italic}
+p.suggest{background:var(--okbg);border:1px solid #86efac;border-radius:8px;padding:10px 14px;margin:8px 0 12px;max-width:110ch}
 footer{color:var(--muted);font-size:12px;text-align:center;padding:0 0 32px}
 """
 
@@ -353,6 +365,66 @@ def _section_filter(data: dict[str, Any], plots: dict[str, bytes]) -> str:
     return "".join(parts)
 
 
+def _threshold_text(t: dict[str, Any], positive: str) -> str:
+    """What a threshold does to the labelled, scored rows: noisy removed, clean kept, F1."""
+    return (f"removes {_pct(t['recall'])} of noisy web captions ({_int(t['tp'])} of {_int(t['tp'] + t['fn'])}), "
+            f"keeps {_pct(t['clean_keep_rate'])} of {_e(positive)} ones ({_int(t['tn'])} of {_int(t['tn'] + t['fp'])}), "
+            f"precision of removal {_pct(t['precision'])}, F1 {_num(t['f1'], 3)}")
+
+
+def _section_labels(data: dict[str, Any], plots: dict[str, bytes]) -> str:
+    """Filter vs labels: KPIs, the suggested thresholds, the confusion matrix and the PR figure."""
+    lab = data["labels"]
+    m, sug, scorer = lab["metrics"], lab["suggested"], lab["scorer"]
+    positive = " / ".join(lab["positive_values"])
+    src = "the recipe's" if lab["threshold_source"] == "recipe" else "default (no threshold in run.json):"
+    kpis = [
+        _kpi(_pct(m["precision"]), "precision of removal", f"{_int(m['tp'])} of {_int(m['tp'] + m['fp'])} removed are noisy"),
+        _kpi(_pct(m["recall"]), "recall of removal", f"{_int(m['tp'])} of {_int(m['tp'] + m['fn'])} noisy removed"),
+        _kpi(_pct(m["clean_keep_rate"]), f"{positive} kept", f"{_int(m['tn'])} of {_int(m['tn'] + m['fp'])}"),
+        _kpi(_pct(m["accuracy"]), "accuracy", f"F1 of removal {_num(m['f1'], 3)}"),
+        _kpi(_int(lab["scored"]), "labelled rows scored",
+             f"{_int(lab['unscored'])} labelled not scored · {_int(lab['unlabelled'])} unlabelled"),
+    ]
+    parts = [f'<div class="kpis">{"".join(kpis)}</div>',
+             f'<p class="note">Ground truth: column <code>{_e(lab["column"])}</code>; <strong>{_e(positive)}</strong> '
+             f"means the web caption matches its image ({'given with --label-positive' if lab['positive_source'] == 'option' else 'default'}), "
+             "every other value is a kind of noise. Positive class: <em>noisy</em>; prediction: the web caption is "
+             f"removed because its <strong>{_e(scorer)}</strong> score is below {src} threshold "
+             f"<strong>{lab['threshold']:g}</strong>. Labelled rows whose web caption was not scored (download "
+             "failed, no web caption, scoring failed) are counted apart, not in the rates.</p>"]
+    say = []
+    if sug.get("best_f1"):
+        b = sug["best_f1"]
+        say.append(f"<strong>Suggested threshold: {scorer} ≥ {b['threshold']:.3f}</strong> maximizes F1 of removing noisy "
+                   f"captions: it {_threshold_text(b, positive)}.")
+    if sug.get("clean_keep"):
+        k = sug["clean_keep"]
+        say.append(f"The highest threshold that still keeps ≥ {_pct(sug['min_clean_keep'], 0)} of {_e(positive)} captions "
+                   f"is <strong>{k['threshold']:.3f}</strong>: it {_threshold_text(k, positive)}.")
+    if say:
+        parts.append(f'<p class="suggest">{" ".join(say)}</p>')
+    rows = [[c["label"] + ("" if not c["positive"] else " (matches)"), c["rows"], c["scored"], c["kept"], _pct(c["kept_rate"]),
+             c["removed"], _pct(c["removed_rate"]), c["unscored"]] for c in lab["classes"]]
+    table = _table(["label", "rows", "scored", "web kept", "kept %", "web removed", "removed %", "not scored"],
+                   rows, numeric=range(1, 8), cls="confusion")
+    parts.append(f"<h3>Confusion matrix at {_e(scorer)} ≥ {lab['threshold']:g}</h3>{table}")
+    if "labels_pr" in plots:
+        parts.append(_img(plots["labels_pr"], "precision and recall of removal vs threshold", "plot", "labels_pr"))
+    else:
+        parts.append('<p class="unavailable">No labelled row was scored: no curve.</p>')
+    cmp_rows = []
+    for name, t in (("current", {**m, "threshold": lab["threshold"], "kept": m["tn"] + m["fn"], "removed": m["tp"] + m["fp"]}),
+                    ("best F1", sug.get("best_f1")), (f"keeps ≥ {_pct(sug['min_clean_keep'], 0)} clean", sug.get("clean_keep"))):
+        if t:
+            cmp_rows.append([name, t["threshold"], t["kept"], t["removed"], _pct(t["precision"]), _pct(t["recall"]),
+                             _num(t["f1"], 3), _pct(t["clean_keep_rate"]), _pct(t["accuracy"])])
+    parts.append("<h3>Thresholds compared</h3>" + _table(
+        ["threshold", scorer, "web kept", "web removed", "precision", "recall", "F1", "clean kept", "accuracy"],
+        cmp_rows, numeric=range(1, 9)))
+    return "".join(parts)
+
+
 def _section_captions(data: dict[str, Any], plots: dict[str, bytes]) -> str:
     caps = data.get("captions")
     if not caps or not any(caps[w] and caps[w]["count"] for w in ("web", "synthetic")):
@@ -454,11 +526,13 @@ def render_html(data: dict[str, Any], plots: dict[str, bytes], images: dict[str,
         "overview": _section_overview(data, plots),
         "download": _section_download(data, plots),
         "filter": _section_filter(data, plots),
+        "labels": _section_labels(data, plots) if data.get("labels") else "",
         "captions": _section_captions(data, plots),
         "samples": _section_samples(data, thumbs),
     }
-    nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS)
-    sections = "".join(f'<section id="{sid}"><h2>{_e(title)}</h2>{bodies[sid]}</section>' for sid, title in SECTIONS)
+    shown = sections(data)
+    nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in shown)
+    body = "".join(f'<section id="{sid}"><h2>{_e(title)}</h2>{bodies[sid]}</section>' for sid, title in shown)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     from capfilt import __version__
 
@@ -470,7 +544,7 @@ def render_html(data: dict[str, Any], plots: dict[str, bytes], images: dict[str,
 <style>{_CSS}</style></head>
 <body><header><h1>CapFilt dataset report</h1><div class="sub">{_e(data['output'])} · generated {now}</div>
 <nav>{nav}</nav></header>
-<main>{_banners(data)}{sections}</main>
+<main>{_banners(data)}{body}</main>
 <footer>capfilt {_e(__version__)} · report format {data['report_version']} · every number here is also in the JSON report</footer>
 </body></html>
 """

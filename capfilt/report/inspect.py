@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +54,60 @@ def overview_table(data: dict[str, Any]) -> Table:
     return t
 
 
-def inspect_output(out: str | Path, console: Console | None = None) -> dict[str, Any]:
+def labels_table(labels: dict[str, Any]) -> Table:
+    """The report's ``labels`` (filter vs labels) as a rich table: web captions kept / removed per label."""
+    t = Table(title=f"filter vs labels: {labels['column']} ({labels['scorer']} >= {labels['threshold']:g})",
+              title_justify="left")
+    for name in ("label", "scored", "kept", "removed", "removed %", "not scored"):
+        t.add_column(name, justify="left" if name == "label" else "right")
+    for c in labels["classes"]:
+        t.add_row(c["label"] + (" (matches)" if c["positive"] else ""), f"{c['scored']:,}", f"{c['kept']:,}",
+                  f"{c['removed']:,}", _pct(c["removed"], c["scored"]), f"{c['unscored']:,}")
+    return t
+
+
+def labels_summary(labels: dict[str, Any]) -> str:
+    """One or two lines: precision/recall of removal at the threshold and the suggested thresholds."""
+    m, sug = labels["metrics"], labels["suggested"]
+    f = lambda x: "–" if x is None else f"{x:.1%}"  # noqa: E731
+    lines = [f"filter vs {labels['column']}: at {labels['scorer']} >= {labels['threshold']:g} removal precision "
+             f"{f(m['precision'])}, recall {f(m['recall'])}, clean kept {f(m['clean_keep_rate'])} "
+             f"({labels['scored']:,} labelled rows scored, {labels['unscored']:,} not scored)"]
+    if sug.get("best_f1"):
+        b = sug["best_f1"]
+        lines.append(f"suggested threshold {b['threshold']:.3f} (best F1 {b['f1']:.3f}: recall {f(b['recall'])}, "
+                     f"clean kept {f(b['clean_keep_rate'])})")
+    if sug.get("clean_keep"):
+        k = sug["clean_keep"]
+        lines.append(f"highest threshold keeping >= {sug['min_clean_keep']:.0%} clean: {k['threshold']:.3f} "
+                     f"(recall {f(k['recall'])})")
+    return "\n".join(lines)
+
+
+def inspect_output(out: str | Path, console: Console | None = None, label_col: str | None = None,
+                   label_positive: Sequence[str] | None = None) -> dict[str, Any]:
     """Print the overview of a capfilt output (complete or interrupted) and its warnings.
 
     Reads only the small columns (no image bytes, no samples).
+
+    Args:
+        label_col / label_positive: also print the filter vs labels table
+            (see :func:`capfilt.report.stats.compute_report_data`).
 
     Returns:
         The report data (:func:`capfilt.report.stats.compute_report_data` ``.data``).
 
     Raises:
         capfilt.errors.OutputError: if ``out`` is not a folder.
+        capfilt.errors.LabelError: if ``label_col`` is missing or has no positive value.
     """
     console = console or Console()
-    data = compute_report_data(str(out), samples=0, borderline=0).data
+    data = compute_report_data(str(out), samples=0, borderline=0, label_col=label_col,
+                               label_positive=label_positive).data
     console.print(overview_table(data))
+    if data.get("labels"):
+        console.print(labels_table(data["labels"]))
+        console.print(labels_summary(data["labels"]), highlight=False, soft_wrap=True)
     if data["run"].get("tiny_models"):
         console.print("[bold yellow]untrained tiny models:[/] captions and scores are noise (random weights).")
     for w in data["warnings"]:

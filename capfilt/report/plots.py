@@ -203,8 +203,64 @@ def length_histogram(web: dict[str, Any] | None, synthetic: dict[str, Any] | Non
         return _png(fig)
 
 
+def _mark_thresholds(ax: Any, labels: dict[str, Any]) -> None:
+    """Vertical lines at the current and the suggested thresholds (legend entries included)."""
+    sug = labels["suggested"]
+    marks = [(labels["threshold"], INK, "--", f"current {labels['threshold']:.3g}")]
+    if sug.get("best_f1"):
+        marks.append((sug["best_f1"]["threshold"], OK, "-", f"best F1 {sug['best_f1']['threshold']:.3g}"))
+    if sug.get("clean_keep"):
+        marks.append((sug["clean_keep"]["threshold"], SYNTHETIC, ":",
+                      f"keeps {sug['min_clean_keep']:.0%} clean {sug['clean_keep']['threshold']:.3g}"))
+    for x, color, style, label in marks:
+        ax.axvline(x, color=color, linestyle=style, linewidth=1.3, label=label)
+
+
+def labels_pr(labels: dict[str, Any]) -> bytes:
+    """Filter vs labels: precision / recall / F1 of removing noisy captions and the clean keep rate
+    vs threshold (left), recall per noise type vs threshold (right); the current threshold and both
+    suggested ones are marked.
+
+    Args:
+        labels: the report's ``labels`` (:func:`capfilt.report.labels.label_report`); ``curve`` values
+            may be None where undefined (nothing removed).
+
+    Returns:
+        PNG bytes.
+    """
+    curve = labels["curve"]
+    x = np.asarray(curve["thresholds"], float)
+    f = lambda v: np.asarray([np.nan if a is None else a for a in v], float)  # noqa: E731
+    xlabel = f"web caption {labels['scorer'].upper()} threshold (below: removed)"
+    with _figure(10.4, 3.4, ncols=2) as (fig, (ax, ax2)):
+        for key, color, label in (("precision", WEB, "precision"), ("recall", BAD, "recall"), ("f1", INK, "F1"),
+                                  ("clean_keep_rate", OK, "clean kept")):
+            ax.plot(x, f(curve[key]), color=color, linewidth=1.6, label=label,
+                    linestyle=":" if key == "clean_keep_rate" else "-")
+        _mark_thresholds(ax, labels)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("Removing noisy web captions")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("rate")
+        ax.legend(fontsize=7.5, loc="lower left", ncol=2)
+        import matplotlib
+
+        cmap = matplotlib.colormaps["tab10"]
+        for i, (name, rec) in enumerate(curve["recall_by_label"].items()):
+            ax2.plot(x, f(rec), color=cmap(i % 10), linewidth=1.5, label=name)
+        ax2.axvline(labels["threshold"], color=INK, linestyle="--", linewidth=1.2)
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.set_title("Share removed, per noise type")
+        ax2.set_xlabel(xlabel)
+        ax2.set_ylabel("recall")
+        if curve["recall_by_label"]:
+            ax2.legend(fontsize=7.5, loc="upper left")
+        return _png(fig)
+
+
 def render_plots(data: dict[str, Any]) -> dict[str, bytes]:
-    """All figures the report data supports, by id (``status``, ``sizes``, ``score_<scorer>``, ``lengths``).
+    """All figures the report data supports, by id (``status``, ``sizes``, ``score_<scorer>``, ``lengths``,
+    ``labels_pr``).
 
     Sections whose data is absent (no score columns, no captions, no size columns) get no figure;
     the HTML says why instead.
@@ -225,4 +281,7 @@ def render_plots(data: dict[str, Any]) -> dict[str, bytes]:
     caps = data.get("captions")
     if caps and any(caps[w] and caps[w]["count"] for w in ("web", "synthetic")):
         jobs.append(("lengths", lambda: length_histogram(caps["web"], caps["synthetic"])))
+    labels = data.get("labels")
+    if labels and labels["scored"]:
+        jobs.append(("labels_pr", lambda: labels_pr(labels)))
     return {name: fn() for name, fn in jobs}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from capfilt import schema
 from capfilt.io.filesystem import Location, locate
 from capfilt.report.accumulate import Moments, Reservoir, ScoreHist, TextStats, TopK
+from capfilt.report.labels import LabelScores, check_label_column, label_report, label_scorer, split_values
 from capfilt.report.layout import ShardFile, config_get, find_shards, read_run_record, run_section
 
 REPORT_VERSION = 1
@@ -107,10 +108,14 @@ class Scan:
         record: the run record (thresholds, ``top_k`` and ``rank_by`` come from its config).
         samples / seed: size and seed of the uniform sample of downloaded rows.
         borderline: how many lowest-scoring kept / highest-scoring dropped web captions to track.
+        labels / label_scorer: with ``--label-col``, where to collect each row's label and its
+            ``web_<label_scorer>`` score (NaN unless ``status`` is ``success``).
     """
 
-    def __init__(self, record: dict[str, Any] | None, samples: int, seed: int, borderline: int) -> None:
+    def __init__(self, record: dict[str, Any] | None, samples: int, seed: int, borderline: int,
+                 labels: LabelScores | None = None, label_scorer: str | None = None) -> None:
         self.record = record
+        self.labels, self.label_scorer = labels, label_scorer
         self.thresholds = {s: config_get(record, "select", f"{s}_threshold") for s in SCORERS}
         self.top_k = config_get(record, "select", "top_k")
         self.status: Counter[str] = Counter()
@@ -190,6 +195,8 @@ class Scan:
         if self.primary is not None and web_kept is not None:
             self._add_removed(rb, cols, shard, offset, web_kept, syn_kept)
         self._add_texts(rb, cols)
+        if self.labels is not None:
+            self._add_labels(rb, cols, status)
         has_image = pc.equal(status, schema.SUCCESS).fill_null(False)
         if "width" in cols:
             has_image = pc.and_(has_image, pc.is_valid(rb.column("width")))
@@ -239,6 +246,14 @@ class Scan:
             n_scored = _per_row_count(lists, pc.is_finite(pc.list_flatten(lists)).fill_null(False), n)
             self.removed["synthetic"][0] += int(n_scored.sum())
             self.removed["synthetic"][1] += int(np.minimum(syn_kept, n_scored).sum())
+
+    def _add_labels(self, rb: pa.RecordBatch, cols: set[str], status: pa.Array) -> None:
+        """Each row's label and web score (NaN when not scored: not ``success`` or a null score)."""
+        assert self.labels is not None
+        name = f"web_{self.label_scorer}"
+        scores = _np(rb.column(name)) if name in cols else np.full(rb.num_rows, np.nan)
+        scores[~np.asarray(pc.equal(status, schema.SUCCESS).fill_null(False).to_numpy(zero_copy_only=False), bool)] = np.nan
+        self.labels.add(rb.column(self.labels.column) if self.labels.column in cols else None, scores)
 
     def _add_texts(self, rb: pa.RecordBatch, cols: set[str]) -> None:
         if "caption" in cols:
@@ -331,7 +346,27 @@ class Scan:
                 "synthetic": self.syn_text.as_dict() if self.syn_rows else None}
 
 
-def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, borderline: int = 8) -> ReportData:
+def _label_setup(loc: Location, shards: list[ShardFile], label_col: str) -> str | None:
+    """Check ``label_col`` and pick the web score against the schema of the first readable shard.
+
+    Returns:
+        The scorer to evaluate, or None when no complete shard can be read (nothing to check yet).
+
+    Raises:
+        LabelError: if the column is missing or the output has no web scores.
+    """
+    for shard in shards:
+        try:
+            names = pq.read_schema(shard.path, filesystem=loc.fs).names
+        except (OSError, pa.ArrowException):
+            continue
+        check_label_column(names, label_col)
+        return label_scorer(names)
+    return None
+
+
+def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, borderline: int = 8,
+                        label_col: str | None = None, label_positive: Sequence[str] | None = None) -> ReportData:
     """Compute every number of the report by streaming the complete shards of a capfilt output.
 
     Args:
@@ -339,15 +374,23 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
         samples: images drawn uniformly (seeded) among downloaded rows for the sample grid.
         seed: seed of the sample draw (same output + seed -> same samples).
         borderline: how many lowest-scoring kept and highest-scoring dropped web captions to list.
+        label_col: a pass-through column of ground-truth labels: evaluate the filter against it
+            (:mod:`capfilt.report.labels`); None for no evaluation.
+        label_positive: label values meaning "the web caption matches its image" (each possibly
+            comma-separated); None for :data:`capfilt.report.labels.DEFAULT_POSITIVE`.
 
     Returns:
         :class:`ReportData`; ``data`` keys: ``report_version``, ``output``, ``shards``, ``run``,
         ``warnings``, ``columns``, ``overview``, ``download``, ``filter`` (None without score
-        columns), ``captions`` (None without caption columns), ``samples``, ``borderline``.
+        columns), ``captions`` (None without caption columns), ``labels`` (None without
+        ``label_col`` or without readable shards; see :func:`capfilt.report.labels.label_report`),
+        ``samples``, ``borderline``.
 
     Raises:
         OutputError: if ``out`` is not a folder. Unreadable shards and a missing or partial
         ``run.json`` are reported in ``warnings`` instead.
+        LabelError: if ``label_col`` is not a column of the output, the output has no web scores,
+            or no label value is positive.
     """
     loc = locate(out) if isinstance(out, str) else out
     shards = find_shards(loc)
@@ -362,7 +405,14 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
     if record and record.get("status") in ("running", "incomplete"):
         warnings.append(f"run.json says the run is {record['status']!r}: it was interrupted or is still going")
 
-    scan = Scan(record, samples, seed, borderline)
+    labels = scorer = None
+    if label_col is not None:
+        scorer = _label_setup(loc, complete, label_col)
+        if scorer is None:
+            warnings.append(f"no complete shard could be read: the filter was not evaluated against {label_col!r}")
+        else:
+            labels = LabelScores(label_col)
+    scan = Scan(record, samples, seed, borderline, labels, scorer)
     for i, shard in enumerate(complete):
         scan.add_shard(i, shard, loc)
     scan.resolve_texts(complete, loc)
@@ -385,7 +435,12 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
         "download": scan.download(),
         "filter": scan.filter(),
         "captions": scan.captions(),
+        "labels": None,
     }
+    if labels is not None and scorer is not None:
+        thr = config_get(record, "select", f"{scorer}_threshold")
+        thr = float(thr) if isinstance(thr, (int, float)) and not isinstance(thr, bool) else None
+        data["labels"] = label_report(labels, scorer, thr, split_values(label_positive))
 
     # pass 2: the rows shown, image bytes included
     picks = {"samples": scan.reservoir.result(), "lowest_kept_web": scan.low_kept.result(),
