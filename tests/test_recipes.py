@@ -20,7 +20,7 @@ def _rows(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def blip2_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("blip2") / "out"
-    run_demo(out, models="tiny", pipeline="blip2", progress=False)
+    run_demo(out, models="tiny", pipeline="blip2", progress=False, world="photos")
     return out
 
 
@@ -84,7 +84,7 @@ def test_refilter_threshold_consistent_and_model_free(blip2_out, tmp_path, monke
 
 def test_refilter_says_when_a_score_was_never_computed(tmp_path):
     out = tmp_path / "blip"
-    run_demo(out, models="tiny", pipeline="blip", progress=False)
+    run_demo(out, models="tiny", pipeline="blip", progress=False, world="photos")
     with pytest.raises(ConfigError, match="no stored clip scores"):
         run(RunOptions(inputs=[str(out)], output=str(tmp_path / "re"), pipeline="refilter",
                        overrides=["select.rank_by=clip", "select.itm_threshold=null"], progress=False))
@@ -92,7 +92,7 @@ def test_refilter_says_when_a_score_was_never_computed(tmp_path):
 
 def test_blip2_captioner_preset_runs_end_to_end(tmp_path):
     out = tmp_path / "b2"
-    res = run_demo(out, models="tiny-blip2", pipeline="blip", progress=False)
+    res = run_demo(out, models="tiny-blip2", pipeline="blip", progress=False, world="photos")
     assert res.record["models"]["captioner"]["kind"] == "blip2"
     ok = [r for r in _rows(out) if r["status"] == "success"]
     assert len(ok) == 6 and all(len(r["synthetic_captions"]) == 1 and r["synthetic_captions"][0] for r in ok)

@@ -28,7 +28,8 @@ def demo_out(tmp_path_factory) -> Path:
     from capfilt.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo") / "out"
-    run_demo(out, models="tiny", pipeline="blip", console=Console(file=open("/dev/null", "w")), progress=False)
+    run_demo(out, models="tiny", pipeline="blip", console=Console(file=open("/dev/null", "w")), progress=False,
+             world="photos")
     return out
 
 
