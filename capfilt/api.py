@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 class RunOptions:
     """One ``capfilt run``: inputs, output, recipe, model preset and where to execute.
 
-    ``overrides`` are ``section.key=value`` strings applied to the recipe. ``executor`` ``ray``
+    ``overrides`` are applied to the recipe: ``{"section.key": value}`` with typed values (what the
+    CLI passes), or ``section.key=value`` strings whose values are parsed as YAML. ``executor`` ``ray``
     runs one streaming Ray Data job (local Ray unless ``ray_address``/``RAY_ADDRESS``); ``local``
     runs the stages in this process (model-free recipes, debugging).
     """
@@ -50,7 +51,7 @@ class RunOptions:
     output: str
     pipeline: str = "blip"
     models: str | None = None
-    overrides: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] | list[str] = field(default_factory=dict)
     ray_address: str | None = None
     executor: Literal["ray", "local", "auto"] = "auto"
     overwrite: bool = False
