@@ -66,7 +66,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from capfilt.config import CaptionConfig
+    from capfilt.modeling.captioner import Decoding
     from capfilt.modeling.captioner import BlipCaptioner
 
     if args.threads:
@@ -77,12 +77,12 @@ def main() -> None:
     images = [Image.open(files[i % len(files)]).convert("RGB") for i in range(args.images)]
     seeds = list(range(args.images))
     cap = BlipCaptioner(model, proc)
-    cap.generate(images[:1], [0], CaptionConfig(num_captions=2, max_length=8))  # warm-up
+    cap.generate(images[:1], [0], Decoding(num_captions=2, max_length=8))  # warm-up
     print(f"model={args.model} device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"images={args.images} batch_size={args.batch_size}")
     times = {}
     for n in (1, 10):
-        cfg = CaptionConfig(num_captions=n, batch_size=args.batch_size)
+        cfg = Decoding(num_captions=n, batch_size=args.batch_size)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -99,7 +99,7 @@ def main() -> None:
     if args.skip_unshared:
         return
     plain = BlipCaptioner(model, proc, share_cross_kv=False)
-    cfg = CaptionConfig(num_captions=10, batch_size=args.batch_size)
+    cfg = Decoding(num_captions=10, batch_size=args.batch_size)
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()

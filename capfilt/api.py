@@ -15,26 +15,24 @@ import platform
 import sys
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from capfilt import __version__
-from capfilt.config import ModelPreset, PipelineConfig, load_pipeline, load_preset
+from capfilt.config import ModelPreset, PipelineConfig, Scorer, load_pipeline, load_preset
 from capfilt.config import ConfigError
 from capfilt.errors import OutputError
 from capfilt.io.filesystem import Location, locate
-from capfilt.io.reader import InputFile, inspect_inputs, key_to_position, passthrough_fields
-from capfilt.io.writer import META_DIR, STATS_DIR, ShardWriter, committed_keys, is_capfilt_file, scan_output
+from capfilt.io.reader import InputFile, inspect_inputs, passthrough_fields
+from capfilt.io.writer import META_DIR, STATS_DIR, committed_keys, is_capfilt_file, scan_output, write_json
 from capfilt.runner import StagePlan, prepare_ray, run_local, run_ray
-from capfilt.schema import output_schema
-from capfilt.stages.read import ReadOutputStage, ReadStage, ShardSpec, specs_table
-from capfilt.stages.base import Stage
-from capfilt.stages.select import SelectStage
+from capfilt.stages.base import RunContext
+from capfilt.stages.read import ShardSpec, plan_metadata_shards, plan_output_shards, specs_table
+from capfilt.stages.registry import build_stages, model_roles, output_schema, totals_from_stats
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +41,8 @@ log = logging.getLogger(__name__)
 class RunOptions:
     """One ``capfilt run``: inputs, output, recipe, model preset and where to execute.
 
-    ``overrides`` are ``section.key=value`` strings applied to the recipe. ``executor`` ``ray``
+    ``overrides`` are applied to the recipe: ``{"section.key": value}`` with typed values (what the
+    CLI passes), or ``section.key=value`` strings whose values are parsed as YAML. ``executor`` ``ray``
     runs one streaming Ray Data job (local Ray unless ``ray_address``/``RAY_ADDRESS``); ``local``
     runs the stages in this process (model-free recipes, debugging).
     """
@@ -52,7 +51,7 @@ class RunOptions:
     output: str
     pipeline: str = "blip"
     models: str | None = None
-    overrides: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] | list[str] = field(default_factory=dict)
     ray_address: str | None = None
     executor: Literal["ray", "local", "auto"] = "auto"
     overwrite: bool = False
@@ -116,15 +115,6 @@ def _read_json(loc: Location) -> dict | None:
             return None
 
 
-def write_json(loc: Location, data: dict) -> None:
-    """Write JSON atomically (temporary name, then move)."""
-    loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
-    tmp = loc.path + f".{uuid.uuid4().hex}.tmp"
-    with loc.fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(data, indent=2, default=str, allow_nan=False).encode())
-    loc.fs.move(tmp, loc.path)
-
-
 def _wipe(out: Location) -> None:
     """Delete what capfilt wrote in ``out`` (shard parts, ``_stats/``, ``_capfilt/``), nothing else."""
     for info in out.fs.get_file_info(pafs.FileSelector(out.path, recursive=False)):
@@ -169,55 +159,6 @@ def _identity(cfg: PipelineConfig, preset: ModelPreset | None, inputs: list[str]
             "inputs": inputs, "files": [f"{f.uri} ({f.num_rows} rows)" for f in files]}
 
 
-def _plan_metadata_specs(files: list[InputFile], rows_per_shard: int, done: dict[tuple[int, int], None]
-                         ) -> tuple[list[ShardSpec], int]:
-    specs, shard_id, skipped = [], 0, 0
-    for f in files:
-        for start in range(0, f.num_rows, rows_per_shard):
-            stop = min(start + rows_per_shard, f.num_rows)
-            skip = tuple(r for r in range(start, stop) if (f.index, r) in done)
-            spec = ShardSpec(shard_id, f.index, start, stop, skip)
-            if spec.pending > 0:
-                specs.append(spec)
-            else:
-                skipped += 1
-            shard_id += 1
-    return specs, skipped
-
-
-def totals_from_stats(stats: list[dict]) -> dict[str, Any]:
-    """Sum per-part stats into run totals, with per-stage throughput.
-
-    Throughput is per worker-second of the stage (``images_per_s`` for caption, ``texts_per_s`` for
-    score, ``rows_per_s`` for download): summed stage seconds are busy time across all workers.
-    """
-    status, texts, seconds = Counter(), Counter(), Counter()
-    rows = keep = imgs = caps = scored = nbytes = 0
-    for s in stats:
-        rows += s.get("rows", 0)
-        keep += s.get("keep", 0)
-        status.update(s.get("status", {}))
-        texts.update(s.get("texts_kept", {}))
-        seconds.update(s.get("seconds", {}))
-        imgs += s.get("images_captioned", 0)
-        caps += s.get("captions_generated", 0)
-        scored += s.get("texts_scored", 0)
-        nbytes += s.get("image_bytes", 0)
-    throughput = {}
-    if seconds.get("download"):
-        throughput["download"] = {"rows_per_s": rows / seconds["download"], "seconds": seconds["download"]}
-    if seconds.get("caption") and imgs:
-        throughput["caption"] = {"images_per_s": imgs / seconds["caption"],
-                                 "captions_per_s": caps / seconds["caption"], "seconds": seconds["caption"]}
-    if seconds.get("score") and scored:
-        throughput["score"] = {"texts_per_s": scored / seconds["score"],
-                               "images_per_s": status.get("success", 0) / seconds["score"],
-                               "seconds": seconds["score"]}
-    return {"rows": rows, "status": dict(sorted(status.items())), "success": status.get("success", 0),
-            "keep": keep, "texts_kept": dict(texts), "images_captioned": imgs, "captions_generated": caps,
-            "texts_scored": scored, "image_bytes": nbytes, "parts": len(stats), "throughput": throughput}
-
-
 def resolve(opts: RunOptions) -> tuple[PipelineConfig, ModelPreset | None]:
     """Load the recipe (with overrides) and, when a model stage runs, the model preset.
 
@@ -227,11 +168,7 @@ def resolve(opts: RunOptions) -> tuple[PipelineConfig, ModelPreset | None]:
     cfg = load_pipeline(opts.pipeline, opts.overrides)
     if opts.models:  # the recorded recipe names the preset actually used
         cfg = cfg.model_copy(update={"models": opts.models})
-    needs_models = cfg.source == "metadata" and (cfg.caption.enabled or cfg.score.enabled)
-    preset = load_preset(opts.models or cfg.models) if needs_models else None
-    if preset and "clip" in cfg.score.scorers and cfg.score.enabled and preset.clip is None:
-        raise ConfigError(f"recipe {cfg.name!r} scores with CLIP but model preset {preset.name!r} has no `clip:` "
-                          f"model; add one to the preset or choose another --models")
+    preset = load_preset(opts.models or cfg.models) if model_roles(cfg) else None
     return cfg, preset
 
 
@@ -266,7 +203,7 @@ def _inspect_source(cfg: PipelineConfig, inputs: list[str]) -> _Source:
         raise OutputError(f"{src.uri} holds no committed capfilt shards (NAME.parquet + _stats/NAME.stats.json)")
     with src.fs.open_input_file(old_parts[0].parquet) as fh:
         old_schema = pq.read_schema(fh)
-    scorers = [s for s in ("itm", "itc", "clip") if f"web_{s}" in old_schema.names]
+    scorers = [s for s in get_args(Scorer) if f"web_{s}" in old_schema.names]
     missing = sorted(cfg.select.scorers_needed() - set(scorers))
     if missing:
         raise ConfigError(f"{src.uri} has no stored {', '.join(missing)} scores (it has: "
@@ -274,21 +211,6 @@ def _inspect_source(cfg: PipelineConfig, inputs: list[str]) -> _Source:
                           f"`capfilt run` with score.scorers including {missing}, or select on what exists.")
     contract = {f.name for f in output_schema([], scorers)}
     return _Source([], scorers, [f for f in old_schema if f.name not in contract], src, old_parts)
-
-
-def _preflight_models(cfg: PipelineConfig, preset: ModelPreset | None, scorers: list[str]) -> None:
-    if preset is None:
-        return
-    from capfilt.modeling.loading import preflight
-
-    need = set()
-    if cfg.caption.enabled:
-        need.add("captioner")
-    if cfg.score.enabled and ({"itm", "itc"} & set(scorers)):
-        need.add("filter")
-    if cfg.score.enabled and "clip" in scorers:
-        need.add("clip")
-    preflight(preset, need)
 
 
 def _prepare_output(out: Location, ident: dict, overwrite: bool) -> tuple[dict | None, list]:
@@ -329,51 +251,12 @@ def _prepare_output(out: Location, ident: dict, overwrite: bool) -> tuple[dict |
     return previous, parts
 
 
-def _plan_shards(cfg: PipelineConfig, src: _Source, done_keys: list[str]) -> tuple[list[ShardSpec], int, int, Stage]:
-    """Shard specs still to do, shards already done, total input rows, and the read stage."""
+def _plan_shards(cfg: PipelineConfig, src: _Source, done_keys: list[str]) -> tuple[list[ShardSpec], int, int]:
+    """Shard specs still to do, shards already done, and total input rows."""
     if cfg.source == "metadata":
-        done = dict.fromkeys(key_to_position(k) for k in done_keys)
-        specs, skipped = _plan_metadata_specs(src.files, cfg.output.rows_per_shard, done)
-        return specs, skipped, sum(f.num_rows for f in src.files), ReadStage(src.files)
-    done_set = set(done_keys)
-    specs, skipped, total_rows = [], 0, 0
-    for sid, p in enumerate(src.old_parts):
-        with src.old.fs.open_input_file(p.parquet) as fh:
-            keys = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
-        total_rows += len(keys)
-        spec = ShardSpec(sid, 0, 0, len(keys), tuple(i for i, k in enumerate(keys) if k in done_set), p.parquet)
-        if spec.pending:
-            specs.append(spec)
-        else:
-            skipped += 1
-    return specs, skipped, total_rows, ReadOutputStage(src.old.uri)
-
-
-def _stage_plans(cfg: PipelineConfig, preset: ModelPreset | None, read_stage: Stage, out: Location,
-                 parts: list, schema: pa.Schema, run_id: str) -> list[StagePlan]:
-    """The stages of this recipe, in order, each with its resources."""
-    res = cfg.resources
-    plans = [StagePlan(read_stage, res.read)]
-    if cfg.source == "metadata":
-        if cfg.download.enabled:
-            from capfilt.stages.download import DownloadStage
-
-            plans.append(StagePlan(DownloadStage(cfg.download), res.download))
-        if cfg.dedup.enabled:
-            from capfilt.stages.dedup import DedupStage
-
-            plans.append(StagePlan(DedupStage(cfg.dedup, out.uri, tuple(p.parquet for p in parts)), res.dedup))
-        if cfg.caption.enabled:
-            from capfilt.stages.caption import CaptionStage
-
-            plans.append(StagePlan(CaptionStage(cfg.caption, preset), res.caption))
-        if cfg.score.enabled:
-            from capfilt.stages.score import ScoreStage
-
-            plans.append(StagePlan(ScoreStage(cfg.score, preset), res.score))
-    plans.append(StagePlan(SelectStage(cfg.select), res.select))
-    plans.append(StagePlan(ShardWriter(out.uri, schema, run_id, cfg.output.compression), res.write))
-    return plans
+        specs, skipped = plan_metadata_shards(src.files, cfg.output.rows_per_shard, done_keys)
+        return specs, skipped, sum(f.num_rows for f in src.files)
+    return plan_output_shards(src.old, src.old_parts, done_keys)
 
 
 def run(opts: RunOptions) -> RunResult:
@@ -393,15 +276,20 @@ def run(opts: RunOptions) -> RunResult:
     out = locate(opts.output)
     _check_overlap(opts.inputs, out)
     src = _inspect_source(cfg, opts.inputs)
-    _preflight_models(cfg, preset, src.scorers)
+    if preset is not None:
+        from capfilt.modeling.loading import preflight
+
+        preflight(preset, model_roles(cfg))
 
     ident = _identity(cfg, preset, [locate(i).uri for i in opts.inputs], src.files)
     previous, parts = _prepare_output(out, ident, opts.overwrite)
     done_keys = committed_keys(out, parts)
     run_id = previous.get("run_id") if previous else uuid.uuid4().hex[:12]
     schema = output_schema(src.passthrough, src.scorers, run_id)
-    specs, skipped, total_rows, read_stage = _plan_shards(cfg, src, done_keys)
-    plans = _stage_plans(cfg, preset, read_stage, out, parts, schema, run_id)
+    specs, skipped, total_rows = _plan_shards(cfg, src, done_keys)
+    ctx = RunContext(out.uri, run_id, preset, src.files, src.old.uri if src.old else None,
+                     tuple(p.parquet for p in parts), schema)
+    plans = [StagePlan(stage, res) for stage, res in build_stages(cfg, ctx)]
 
     executor = opts.executor
     if executor == "auto":

@@ -9,15 +9,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from capfilt.errors import CapfiltError
+from capfilt.summary import print_summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="CapFilt (BLIP / BLIP-2) data curation: download, caption, filter, write Parquet shards.")
@@ -28,27 +28,6 @@ err_console = Console(stderr=True)
 def _fail(e: Exception) -> None:
     err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
-
-
-def print_summary(result, con: Console = console) -> None:
-    """Print the end-of-run table: rows, statuses, texts kept, output path, wall time."""
-    t = result.totals
-    table = Table(title="capfilt run", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("rows", f"{t['rows']:,}")
-    for status, n in sorted(t["status"].items(), key=lambda kv: (kv[0] != "success", -kv[1])):
-        table.add_row(f"  {status}", f"{n:,}")
-    table.add_row("rows kept", f"{t['keep']:,}")
-    tk = t.get("texts_kept", {})
-    table.add_row("texts kept (web / synthetic)", f"{tk.get('web', 0):,} / {tk.get('synthetic', 0):,}")
-    for stage, tp in t.get("throughput", {}).items():
-        rate = ", ".join(f"{v:.2f} {k.replace('_per_s', '')}/s" for k, v in tp.items() if k.endswith("_per_s"))
-        table.add_row(f"{stage} throughput", rate)
-    table.add_row("shard parts written / already done", f"{result.parts_written} / {result.parts_skipped}")
-    table.add_row("output", str(result.output))
-    table.add_row("wall time", f"{result.wall_seconds:.1f} s")
-    con.print(table)
 
 
 @app.command()
@@ -87,18 +66,18 @@ def run(
     from capfilt.api import RunOptions
     from capfilt.api import run as api_run
 
-    overrides = list(set_ or [])
-    flag_map = {"input.url_col": url_col, "input.caption_col": caption_col, "input.input_format": input_format,
-                "output.rows_per_shard": rows_per_shard, "caption.num_captions": num_captions,
-                "select.itm_threshold": itm_threshold, "select.top_k": top_k, "download.timeout": timeout}
-    overrides += [f"{k}={v}" for k, v in flag_map.items() if v is not None]
-    if keep_columns is not None:
-        cols = [c.strip() for c in keep_columns.split(",") if c.strip()]
-        overrides.append(f"input.keep_columns=[{', '.join(repr(c) for c in cols)}]")
-    if allow_private_network:
-        overrides.append("download.allow_private_network=true")
-    if allow_file_urls:
-        overrides.append("download.allow_file_urls=true")
+    from capfilt.config import parse_override
+
+    # --set values are YAML (the user typed them as text); flag values are already typed
+    overrides: dict[str, Any] = {".".join(path): value for path, value in map(parse_override, set_ or [])}
+    flags = {"input.url_col": url_col, "input.caption_col": caption_col, "input.input_format": input_format,
+             "output.rows_per_shard": rows_per_shard, "caption.num_captions": num_captions,
+             "select.itm_threshold": itm_threshold, "select.top_k": top_k, "download.timeout": timeout,
+             "input.keep_columns": None if keep_columns is None else [c.strip() for c in keep_columns.split(",")
+                                                                      if c.strip()],
+             "download.allow_private_network": allow_private_network or None,
+             "download.allow_file_urls": allow_file_urls or None}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
     opts = RunOptions(inputs=input, output=output, pipeline=pipeline, models=models, overrides=overrides,
                       ray_address=ray_address, executor=executor, overwrite=overwrite, progress=progress)
     try:
@@ -108,7 +87,7 @@ def run(
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: committed shards are kept; rerun the same command to resume.")
         raise typer.Exit(130)
-    print_summary(result)
+    print_summary(result, console)
 
 
 @app.command()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from capfilt.errors import CapfiltError
@@ -292,6 +292,11 @@ class ModelPreset(_Strict):
     filter: ModelSpec
     clip: ModelSpec | None = None
 
+    @classmethod
+    def roles(cls) -> tuple[str, ...]:
+        """The fields that hold a model (``captioner``, ``filter``, ``clip``): the preset's roles."""
+        return tuple(n for n, f in cls.model_fields.items() if ModelSpec in (f.annotation, *get_args(f.annotation)))
+
 
 # --------------------------------------------------------------------------------------------
 # loading and overrides
@@ -409,7 +414,7 @@ def load_preset(name_or_path: str = "blip-large") -> ModelPreset:
     """
     path = _resolve_yaml(name_or_path, "models")
     data = _load_yaml(path)
-    for role in ("captioner", "filter", "clip"):
+    for role in ModelPreset.roles():
         spec = data.get(role)
         if isinstance(spec, dict) and isinstance(spec.get("id"), str) and spec["id"].startswith(("./", "../")):
             spec["id"] = str((path.parent / spec["id"]).resolve())

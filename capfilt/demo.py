@@ -101,7 +101,7 @@ def run_demo(output: Path, models: str | None = None, pipeline: str = "blip", ov
         capfilt.errors.ConfigError: unknown ``world``.
     """
     from capfilt.api import RunOptions, run
-    from capfilt.cli import print_summary
+    from capfilt.summary import print_summary
     from capfilt.config import ConfigError, load_preset
 
     if world not in ("shapes", "photos"):

@@ -1,10 +1,12 @@
 """Executors: where stages run. The only module that imports Ray.
 
-:func:`run_ray` maps each stage onto Ray Data ``map_batches``: model stages (``uses_model``) become
-actor pools (one model load per actor), the others plain tasks, each with the CPUs/GPUs and
-concurrency of its :class:`capfilt.config.StageResources`. One input block is one shard spec, and
-every stage processes a whole block (``batch_size=None``; model stages micro-batch inside), so a
-shard streams through the pipeline as one unit and the writer commits it.
+:func:`run_ray` maps each stage onto Ray Data ``map_batches`` by its declared
+:data:`capfilt.stages.base.Shape`: ``actor_pool`` stages become actor pools (one model load per
+actor), ``single_actor`` one actor, the others plain tasks, each with the CPUs/GPUs and
+concurrency of its :class:`capfilt.config.StageResources`. One input block is one shard spec; a
+``fanout`` stage takes one spec at a time and every other stage a whole block
+(``batch_size=None``; model stages micro-batch inside), so a shard streams through the pipeline as
+one unit and the ``sink`` commits it. Nothing here knows a stage by name.
 
 :func:`run_local` runs the same stages in this process, shard after shard: for model-free recipes
 (``refilter``) and debugging.
@@ -17,12 +19,13 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
 from capfilt.config import StageResources
 from capfilt.errors import CapfiltError
-from capfilt.stages.base import Stage
+from capfilt.stages.base import ACTOR_SHAPES, Stage
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def run_local(specs: pa.Table, plans: list[StagePlan]) -> Iterator[pa.Table]:
     """Run every stage in this process, one shard spec at a time.
 
     Yields:
-        The last stage's output for each shard (the writer's stats rows).
+        The last stage's output for each shard (the sink's stats rows).
     """
     for p in plans:
         p.stage.setup()
@@ -231,15 +234,19 @@ def check_resources(plans: list[StagePlan], cluster: dict, nodes: list[dict] | N
                                     f"worker, but no node of the Ray cluster has that much (largest: "
                                     f"{most_cpu:g} CPU(s), {most_gpu:g} GPU(s)). Lower resources.{name}.num_gpus "
                                     f"or resources.{name}.num_cpus.")
-    actor_cpus = sum(p.resources.num_cpus * _min_workers(p.resources) for p in plans if p.stage.uses_model)
-    task_cpus = max((p.resources.num_cpus for p in plans if not p.stage.uses_model), default=0)
+    actor_cpus = sum(p.resources.num_cpus * _min_workers(p.resources) for p in plans if _is_actor(p.stage))
+    task_cpus = max((p.resources.num_cpus for p in plans if not _is_actor(p.stage)), default=0)
     if actor_cpus + task_cpus > cpus:
         raise ResourceError(f"model stages reserve {actor_cpus:g} CPU(s) and tasks need {task_cpus:g} more, but the "
                             f"cluster has {cpus:g}: the pipeline would stall. Lower resources.<stage>.num_cpus.")
 
 
+def _is_actor(stage: Stage) -> bool:
+    return stage.shape in ACTOR_SHAPES
+
+
 def _pool_size(r: StageResources, cluster: dict, single: bool = False) -> tuple[int, int]:
-    if single:  # run-wide state (dedup): exactly one actor
+    if single:  # a single_actor stage (run-wide state): exactly one actor
         return 1, 1
     if isinstance(r.concurrency, int):
         return r.concurrency, r.concurrency
@@ -251,7 +258,7 @@ def _pool_size(r: StageResources, cluster: dict, single: bool = False) -> tuple[
     return 1, 1
 
 
-AUTO_GPU_SHARE = 0.5  # num_gpus "auto" on a GPU cluster: captioner and scorer share one device
+AUTO_GPU_SHARE = 0.5  # num_gpus "auto" on a GPU cluster: two model stages share one device
 
 
 def resolve_auto(plans: list[StagePlan], cluster: dict) -> list[StagePlan]:
@@ -284,13 +291,54 @@ def prepare_ray(plans: list[StagePlan], address: str | None = None) -> list[Stag
     return plans
 
 
+def map_stages(ds: Any, plans: list[StagePlan], cluster: dict, num_shards: int, env: dict[str, str] | None,
+               actor_pool: type, task_pool: type) -> Any:
+    """Chain one ``ds.map_batches`` per stage, as each stage's shape and resources ask.
+
+    Args:
+        ds: a Ray ``Dataset`` of shard specs, one block each (or anything with ``map_batches``).
+        plans: stages in order, with concrete resources (:func:`resolve_auto`).
+        cluster: total cluster resources (``{"CPU": 8.0, "GPU": 1.0}``) for actor-pool sizes.
+        num_shards: shard specs in ``ds``; actor pools never get more actors than that.
+        env: environment variables every stage's runtime env must carry (empty: none).
+        actor_pool / task_pool: ``ray.data.ActorPoolStrategy`` / ``TaskPoolStrategy`` (or fakes).
+
+    Returns:
+        The dataset after the last stage.
+    """
+    for p in plans:
+        r = p.resources
+        common: dict[str, Any] = dict(batch_size=1 if p.stage.shape == "fanout" else None, batch_format="pyarrow",
+                                      zero_copy_batch=True, num_cpus=r.num_cpus)
+        if r.num_gpus:
+            common["num_gpus"] = r.num_gpus
+        if env:
+            common["runtime_env"] = {"env_vars": env}
+        if _is_actor(p.stage):
+            lo, hi = _pool_size(r, cluster, p.stage.shape == "single_actor")
+            hi = min(hi, num_shards)  # never more actors than shards (autoscaler maxima can be huge)
+            lo = min(lo, hi)
+            # Ray Data restarts dead actors and retries their tasks by default (max_restarts=-1,
+            # max_task_retries=-1); tasks are retried after a lost worker too (max_retries=-1).
+            ds = ds.map_batches(_actor_class(p.stage), compute=actor_pool(min_size=lo, max_size=hi), **common)
+        else:
+            if r.concurrency is not None:  # a cap on parallel tasks; a [min, max] range caps at max
+                size = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[1]
+                common["compute"] = task_pool(size=size)
+            # max_calls=0 (unlimited worker reuse, Ray's default for CPU tasks) is set explicitly so that
+            # Ray Data never fuses a task stage into the next model actor: task stages must scale on
+            # their own, not inside an actor pool.
+            ds = ds.map_batches(_task_fn(p.stage), max_calls=0, **common)
+    return ds
+
+
 def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
             progress: bool = True) -> Iterator[pa.Table]:
     """Run the stages as one streaming Ray Data job.
 
     Args:
-        specs: one row per shard (see :mod:`capfilt.stages.read`); each becomes one block.
-        plans: stages in order, the last one being the writer.
+        specs: one row per shard (the ``fanout`` stage's input); each becomes one block.
+        plans: stages in order: a ``fanout`` first, a ``sink`` last.
         address: Ray address (``auto``, ``ray://host:10001``) or ``None`` for ``RAY_ADDRESS``/local.
         progress: show Ray Data's progress bars.
 
@@ -301,7 +349,7 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
     each stage's runtime env.
 
     Yields:
-        The writer's small stats tables (``name, shard_id, rows, stats``) as shards are committed:
+        The sink's small stats tables (``name, shard_id, rows, stats``) as shards are committed:
         no image data reaches the driver.
 
     Raises:
@@ -321,29 +369,5 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
         return
     # one block per shard spec, built in the driver (no remote metadata tasks)
     ds = ray.data.from_items(specs.to_pylist(), override_num_blocks=specs.num_rows)
-    env = _stage_env()
-    for p in plans:
-        r = p.resources
-        common = dict(batch_size=None if p.stage.name != "read" else 1, batch_format="pyarrow",
-                      zero_copy_batch=True, num_cpus=r.num_cpus)
-        if r.num_gpus:
-            common["num_gpus"] = r.num_gpus
-        if env:
-            common["runtime_env"] = {"env_vars": env}
-        if p.stage.uses_model:
-            lo, hi = _pool_size(r, cluster, getattr(p.stage, "single_actor", False))
-            hi = min(hi, specs.num_rows)  # never more actors than shards (autoscaler maxima can be huge)
-            lo = min(lo, hi)
-            # Ray Data restarts dead actors and retries their tasks by default (max_restarts=-1,
-            # max_task_retries=-1); tasks are retried after a lost worker too (max_retries=-1).
-            ds = ds.map_batches(_actor_class(p.stage), compute=ActorPoolStrategy(min_size=lo, max_size=hi),
-                                **common)
-        else:
-            if r.concurrency is not None:  # a cap on parallel tasks; a [min, max] range caps at max
-                size = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[1]
-                common["compute"] = TaskPoolStrategy(size=size)
-            # max_calls=0 (unlimited worker reuse, Ray's default for CPU tasks) is set explicitly so that
-            # Ray Data never fuses a task stage into the next model actor: downloads must scale on
-            # their own, not inside the captioner's actor pool.
-            ds = ds.map_batches(_task_fn(p.stage), max_calls=0, **common)
+    ds = map_stages(ds, plans, cluster, specs.num_rows, _stage_env(), ActorPoolStrategy, TaskPoolStrategy)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -1,7 +1,8 @@
 """The output-shard contract: column names, Arrow types, row statuses.
 
-Every capfilt output shard has one row per input row and exactly the columns built by
-:func:`output_schema` (contract columns plus the input columns passed through). Names are part of
+Every capfilt output shard has one row per input row and exactly the columns of
+:func:`capfilt.stages.registry.output_schema`: the groups below, each declared by the stage that
+writes it, plus the input columns passed through. Names are part of
 the contract (see DESIGN.md "The output contract"): add columns, never rename them.
 
 List-valued columns are parallel *flat* lists (``list<string>``, ``list<float32>``), never
@@ -9,8 +10,6 @@ List-valued columns are parallel *flat* lists (``list<string>``, ``list<float32>
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
 
@@ -110,30 +109,6 @@ CONTRACT_COLUMNS = {f.name for f in ID_FIELDS + DOWNLOAD_FIELDS + CAPTION_FIELDS
 
 #: Columns of the input that are never passed through (pandas' stored index).
 DROPPED_INPUT_COLUMNS = {"__index_level_0__"}
-
-
-def output_schema(passthrough: pa.Schema | Sequence[pa.Field] = (), scorers: Iterable[str] = ("itm", "itc"),
-                  run_id: str | None = None) -> pa.Schema:
-    """The schema every shard of a run is cast to.
-
-    Args:
-        passthrough: input columns passed through under their own names, in input order. Their
-            names must not collide with contract columns (the reader renames or drops those).
-        scorers: scorers whose columns exist in this run (``itm``, ``itc``, ``clip``); a run
-            always has the same columns in every shard, also in shards whose rows all failed.
-        run_id: stored in the Parquet key-value metadata with the schema version.
-
-    Returns:
-        An Arrow schema with metadata ``capfilt.schema_version`` (and ``capfilt.run_id``).
-    """
-    fields = list(ID_FIELDS) + list(passthrough) + list(DOWNLOAD_FIELDS) + list(CAPTION_FIELDS)
-    for s in scorers:
-        fields += score_fields(s)
-    fields += SELECT_FIELDS
-    meta = {"capfilt.schema_version": SCHEMA_VERSION}
-    if run_id:
-        meta["capfilt.run_id"] = run_id
-    return pa.schema(fields, metadata=meta)
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

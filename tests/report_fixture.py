@@ -5,7 +5,7 @@ as-is, ``original_*`` taken from the COCO annotation file), web captions and syn
 real COCO captions of the same image (plus a few known BLIP failures: back-to-back repetition and
 one generic caption shared by many images), scores come from a seeded RNG, and the select step
 follows the recipe (BLIP: ITM >= threshold on every text; BLIP-2: top-k by CLIP). Shards are cast
-with :func:`capfilt.schema.output_schema` / :func:`capfilt.schema.conform`, each followed by its
+with :func:`capfilt.stages.registry.output_schema` / :func:`capfilt.schema.conform`, each followed by its
 ``<stem>.stats.json`` where the writer puts it, and ``_capfilt/run.json`` holds the resolved recipe and the ``tiny`` preset.
 """
 
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from capfilt import schema
+from capfilt.stages.registry import output_schema
 from capfilt.config import load_pipeline, load_preset
 from capfilt.io import writer
 
@@ -128,7 +129,7 @@ def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Li
     config_json["models"] = models
     thr = config.select.itm_threshold
     passthrough = [pa.field(noise_col, pa.string())] if noise_col else []
-    out_schema = schema.output_schema(passthrough, scorers=scorers, run_id="fixture-run")
+    out_schema = output_schema(passthrough, scorers=scorers, run_id="fixture-run")
     lrng = np.random.default_rng(seed + 10_000)
     names = list(NOISE_TYPES)
     shares = np.array([NOISE_TYPES[k][0] for k in names])

@@ -72,3 +72,16 @@ def test_output_inside_input_folder_refused(tmp_path, served_input):
     inp, _ = served_input
     r = _capfilt("run", "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--models", "tiny")
     _assert_one_message(r, "overlaps input")
+
+
+def test_flag_values_reach_the_recipe_typed_not_reparsed(tmp_path):
+    """``--caption-col "text #1"`` stays "text #1" (as YAML it would be "text"), ``--keep-columns`` a list."""
+    with ImageServer(root=FIXTURES / "coco" / "images") as srv:
+        pq.write_table(pa.table({"link": [srv.url("000000000139.jpg")], "text #1": ["a room"], "it's": ["x"],
+                                 "other": ["y"]}), tmp_path / "in.parquet")
+        r = _capfilt("run", "-i", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out"), "--pipeline", "download",
+                     "--executor", "local", "--url-col", "link", "--caption-col", "text #1", "--keep-columns",
+                     "it's", "--allow-private-network", "--set", "output.rows_per_shard=5", "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    t = pq.read_table(tmp_path / "out")
+    assert t.column("caption").to_pylist() == ["a room"] and "it's" in t.column_names and "other" not in t.column_names

@@ -34,14 +34,14 @@ PHOTOS = sorted((FIXTURES / "coco" / "images").glob("*.jpg"))[:8]
 
 
 class _Named(Stage):
-    def __init__(self, name: str, uses_model: bool):
+    def __init__(self, name: str, shape: str):
         self.name = name  # type: ignore[misc]
-        self.uses_model = uses_model  # type: ignore[misc]
+        self.shape = shape  # type: ignore[misc]
 
 
 def _plans(**res: StageResources) -> list[StagePlan]:
     models = {"caption", "score"}
-    return [StagePlan(_Named(n, n in models), r) for n, r in res.items()]
+    return [StagePlan(_Named(n, "actor_pool" if n in models else "task"), r) for n, r in res.items()]
 
 
 def _blip_plans(caption: StageResources, score: StageResources) -> list[StagePlan]:

@@ -140,7 +140,7 @@ def test_threads_overlap_slow_servers(server):
 
 def test_empty_batch_and_pickling():
     stage = pickle.loads(pickle.dumps(DownloadStage(DownloadConfig())))
-    assert stage.name == "download" and stage.uses_model is False
+    assert stage.name == "download" and stage.shape == "task"
     out = stage(_batch([]))
     assert out.num_rows == 0
     assert [f.name for f in schema.DOWNLOAD_FIELDS] == out.column_names[2:-1]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from capfilt.config import CaptionConfig, ModelPreset, load_preset
+from capfilt.config import ModelPreset, load_preset
 from capfilt.modeling.batching import run_with_oom_backoff
-from capfilt.modeling.captioner import Blip2Captioner, BlipCaptioner, PerRowSampler, load_captioner
+from capfilt.modeling.captioner import Blip2Captioner, BlipCaptioner, Decoding, PerRowSampler, load_captioner
 
 COCO = Path(__file__).parent / "fixtures" / "coco" / "images"
 SEEDS = [101, 202, 303, 404, 505]
@@ -31,7 +31,7 @@ def captioner() -> BlipCaptioner:
     return cap
 
 
-def _direct(cap: BlipCaptioner, image, seed: int, cfg: CaptionConfig) -> list[str]:
+def _direct(cap: BlipCaptioner, image, seed: int, cfg: Decoding) -> list[str]:
     """The plain transformers call (model card usage) with the BLIP/LAVIS decoding settings."""
     inputs = cap.processor(images=image, text=cfg.prompt, return_tensors="pt")
     kw = dict(max_length=cfg.max_length, min_length=cfg.min_length, repetition_penalty=cfg.repetition_penalty,
@@ -50,21 +50,21 @@ def _direct(cap: BlipCaptioner, image, seed: int, cfg: CaptionConfig) -> list[st
 
 @pytest.mark.parametrize("num_captions", [1, 3])
 def test_equals_direct_generate_with_same_seed(captioner, images, num_captions):
-    cfg = CaptionConfig(num_captions=num_captions, batch_size=4)
+    cfg = Decoding(num_captions=num_captions, batch_size=4)
     batched = captioner.generate(images, SEEDS, cfg)
     for image, seed, caps in zip(images, SEEDS, batched):
         assert caps == _direct(captioner, image, seed, cfg)
 
 
 def test_beam_search_equals_direct_generate(captioner, images):
-    cfg = CaptionConfig(num_beams=3, num_captions=2, batch_size=4)
+    cfg = Decoding(num_beams=3, num_captions=2, batch_size=4)
     batched = captioner.generate(images[:4], SEEDS[:4], cfg)
     for image, seed, caps in zip(images, SEEDS, batched):
         assert caps == _direct(captioner, image, seed, cfg)
 
 
 def test_batch_composition_does_not_change_a_rows_captions(captioner, images):
-    cfg = CaptionConfig(num_captions=2, batch_size=8)
+    cfg = Decoding(num_captions=2, batch_size=8)
     full = captioner.generate(images, SEEDS, cfg)
     reordered = captioner.generate([images[3], images[0]], [SEEDS[3], SEEDS[0]], cfg)
     assert reordered == [full[3], full[0]]
@@ -75,14 +75,14 @@ def test_batch_composition_does_not_change_a_rows_captions(captioner, images):
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_batch_size_1_and_4_agree(captioner, images, num_beams):
-    one = captioner.generate(images, SEEDS, CaptionConfig(num_beams=num_beams, num_captions=1, batch_size=1))
-    four = captioner.generate(images, SEEDS, CaptionConfig(num_beams=num_beams, num_captions=1, batch_size=4))
+    one = captioner.generate(images, SEEDS, Decoding(num_beams=num_beams, num_captions=1, batch_size=1))
+    four = captioner.generate(images, SEEDS, Decoding(num_beams=num_beams, num_captions=1, batch_size=4))
     assert one == four
     assert all(len(c) == 1 and c[0] for c in one)
 
 
 def test_prompt_stripped_and_lengths(captioner, images):
-    cfg = CaptionConfig(num_captions=4, max_length=12, min_length=8)
+    cfg = Decoding(num_captions=4, max_length=12, min_length=8)
     caps = captioner.generate(images[:2], SEEDS[:2], cfg)
     assert [len(c) for c in caps] == [4, 4]
     for text in (t for c in caps for t in c):
@@ -90,12 +90,12 @@ def test_prompt_stripped_and_lengths(captioner, images):
         ids = captioner.processor.tokenizer(text, add_special_tokens=False).input_ids
         prompt_len = 4  # [DEC] a picture of
         assert len(ids) <= cfg.max_length - prompt_len
-    other = captioner.generate(images[:1], SEEDS[:1], CaptionConfig(prompt="", max_length=10))
+    other = captioner.generate(images[:1], SEEDS[:1], Decoding(prompt="", max_length=10))
     assert len(other[0]) == 1 and other[0][0]
 
 
 def test_deterministic_across_calls_and_seed_sensitive(captioner, images):
-    cfg = CaptionConfig(num_captions=2)
+    cfg = Decoding(num_captions=2)
     assert captioner.generate(images[:2], SEEDS[:2], cfg) == captioner.generate(images[:2], SEEDS[:2], cfg)
     assert captioner.generate(images[:1], [1], cfg) != captioner.generate(images[:1], [2], cfg)
     with pytest.raises(ValueError, match="2 images but 1 seeds"):
@@ -107,7 +107,7 @@ def test_image_keys_values_projected_once_per_image(captioner, images):
     key = captioner.model.text_decoder.bert.encoder.layer[0].crossattention.self.key
     rows: list[int] = []
     handle = key.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
-    cfg = CaptionConfig(num_captions=5, batch_size=4)
+    cfg = Decoding(num_captions=5, batch_size=4)
     try:
         shared = captioner.generate(images[:3], SEEDS[:3], cfg)
         assert rows == [3]
@@ -159,11 +159,11 @@ def test_blip2_captioner_tiny(images):
                                          "filter": {"id": "tiny-blip-itm"}})
     cap = load_captioner(preset.captioner, preset)
     assert isinstance(cap, Blip2Captioner)
-    cfg = CaptionConfig(num_captions=3, max_length=8, batch_size=4)
+    cfg = Decoding(num_captions=3, max_length=8, batch_size=4)
     together = cap.generate(images[:3], SEEDS[:3], cfg)
     assert [len(c) for c in together] == [3, 3, 3]
     assert [cap.generate([im], [s], cfg)[0] for im, s in zip(images[:3], SEEDS[:3])] == together
-    beams = cap.generate(images[:2], SEEDS[:2], CaptionConfig(num_beams=2, num_captions=2, max_length=8))
+    beams = cap.generate(images[:2], SEEDS[:2], Decoding(num_beams=2, num_captions=2, max_length=8))
     assert [len(c) for c in beams] == [2, 2]
 
 

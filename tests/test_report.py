@@ -19,6 +19,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from capfilt import schema
+from capfilt.stages.registry import output_schema
 from capfilt.errors import OutputError
 from capfilt.report import build_report, inspect_output
 from capfilt.report.html import SECTIONS
@@ -64,7 +65,7 @@ def test_every_json_number_matches_pyarrow(tmp_path, recipe):
 def test_download_output_written_with_null_select_columns(tmp_path):
     """The real writer keeps every contract column: a download run has all-null captions and keep=False."""
     out = make_output(tmp_path / "out", rows=60, rows_per_shard=30, recipe="download", seed=1)
-    full = schema.output_schema(scorers=[])
+    full = output_schema(scorers=[])
     for p in out.glob("*.parquet"):
         t = pq.read_table(p)
         pq.write_table(schema.conform(t, full), p)

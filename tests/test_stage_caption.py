@@ -41,7 +41,7 @@ def stage() -> CaptionStage:
 
 def test_constructor_is_cheap_and_picklable():
     s = CaptionStage(CaptionConfig(), load_preset("tiny"))
-    assert s.captioner is None and s.uses_model and s.name == "caption"
+    assert s.captioner is None and s.shape == "actor_pool" and s.name == "caption"
     clone = pickle.loads(pickle.dumps(s))
     assert clone.cfg == s.cfg and clone.preset == s.preset
 

@@ -42,7 +42,7 @@ def stage() -> ScoreStage:
 
 def test_constructor_is_cheap_and_picklable():
     s = ScoreStage(ScoreConfig(), load_preset("tiny"))
-    assert s.scorers == [] and s.uses_model and s.name == "score"
+    assert s.scorers == [] and s.shape == "actor_pool" and s.name == "score"
     assert pickle.loads(pickle.dumps(s)).cfg == s.cfg
 
 

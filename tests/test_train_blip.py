@@ -128,14 +128,14 @@ def test_capfilts_captioner_wrapper_uses_the_trained_checkpoint(caption_run):
     """``capfilt run``'s caption stage loads the preset's captioner with ``load_captioner``; same seeds, new words."""
     from PIL import Image
 
-    from capfilt.config import CaptionConfig
+    from capfilt.modeling.captioner import Decoding
     from capfilt.modeling.captioner import load_captioner
 
     _, out = caption_run
     trained_preset = load_preset(str(out / "final" / "preset.yaml"))
     tiny_preset = load_preset("tiny")
     images = [Image.open(p).convert("RGB") for p in sorted((COCO / "images").glob("*.jpg"))[:6]]
-    cfg = CaptionConfig()
+    cfg = Decoding()
     trained = load_captioner(trained_preset.captioner, trained_preset).generate(images, list(range(6)), cfg)
     untrained = load_captioner(tiny_preset.captioner, tiny_preset).generate(images, list(range(6)), cfg)
     a, b = [c[0] for c in trained], [c[0] for c in untrained]

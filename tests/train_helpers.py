@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from capfilt import schema
+from capfilt.stages.registry import output_schema
 from capfilt.io.writer import STATS_DIR, STATS_SUFFIX
 
 COCO = Path(__file__).parent / "fixtures" / "coco"
@@ -50,7 +51,7 @@ def make_shards(out: Path, files: int = 3, rows_per_group: int = 8, side: int = 
         The keys of the kept rows.
     """
     out.mkdir(parents=True, exist_ok=True)
-    sch = schema.output_schema(scorers=("itm", "itc"), run_id="test-shards")
+    sch = output_schema(scorers=("itm", "itc"), run_id="test-shards")
     rows = coco_rows()
     kept: list[str] = []
     per_file = -(-len(rows) // files)

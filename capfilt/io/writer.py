@@ -1,4 +1,6 @@
-"""Shard writing and the commit protocol that makes resume safe.
+"""Parquet shard parts, the commit protocol that makes resume safe, and scanning an output for them.
+
+The sink stage that turns pipeline rows into parts is :class:`capfilt.stages.write.ShardWriter`.
 
 A shard part is committed in three steps (img2dataset's "stats written last" rule):
 1. write ``OUT/_capfilt/tmp/<name>.<uuid>.parquet``;
@@ -23,20 +25,14 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from capfilt.io.filesystem import Location, locate
-from capfilt.schema import SCHEMA_VERSION, SOURCE_SYNTHETIC, SOURCE_WEB, SUCCESS, conform
-from capfilt.stages.base import Stage
 
 STATS_SUFFIX = ".stats.json"
 STATS_DIR = "_stats"
@@ -67,87 +63,41 @@ class CommittedPart:
     stats: dict
 
 
-def _write_bytes(loc: Location, data: bytes) -> None:
+def write_bytes(loc: Location, data: bytes) -> None:
+    """Write ``data`` to ``loc`` whole or not at all (temporary name, then move)."""
     tmp = loc.path + f".{uuid.uuid4().hex}.tmp"
     with loc.fs.open_output_stream(tmp) as f:
         f.write(data)
     loc.fs.move(tmp, loc.path)
 
 
-def shard_stats(table: pa.Table, name: str, shard_id: int, run_id: str) -> dict:
-    """Per-shard statistics written next to the shard (all counts are rows unless named otherwise).
+def write_json(loc: Location, data: dict, indent: int = 2) -> None:
+    """Write strict JSON atomically (:func:`write_bytes`), creating the parent folder.
 
-    Keys: ``rows``, ``status`` (count per status), ``keep`` (rows kept), ``texts_kept``
-    (``web``/``synthetic``), ``seconds`` (per stage, summed over rows: stage wall time),
-    ``images_captioned``, ``captions_generated``, ``texts_scored``, ``image_bytes``.
+    Raises:
+        ValueError: ``data`` holds NaN or infinity (not JSON).
     """
-    status = Counter(table.column("status").to_pylist()) if "status" in table.column_names else Counter()
-    kept = int(pc.sum(table.column("keep")).as_py() or 0) if "keep" in table.column_names else 0
-    sources = Counter()
-    if "caption_sources" in table.column_names:
-        for lst in table.column("caption_sources").to_pylist():
-            sources.update(lst or [])
-    seconds = {}
-    for c in table.column_names:
-        if c.startswith("_seconds_"):
-            seconds[c[len("_seconds_"):]] = float(pc.sum(table.column(c)).as_py() or 0.0)
-    texts_scored = int(pc.sum(table.column("_texts_score")).as_py() or 0) if "_texts_score" in table.column_names else 0
-    n_caps, n_imgs = 0, 0
-    if "synthetic_captions" in table.column_names:
-        for lst in table.column("synthetic_captions").to_pylist():
-            if lst is not None:
-                n_imgs += 1
-                n_caps += len(lst)
-    img_bytes = 0
-    if "image" in table.column_names:
-        img_bytes = int(pc.sum(pc.binary_length(table.column("image"))).as_py() or 0)
-    return {
-        "name": name, "shard_id": shard_id, "run_id": run_id, "schema_version": SCHEMA_VERSION,
-        "rows": table.num_rows, "status": dict(sorted(status.items())), "success": status.get(SUCCESS, 0),
-        "keep": kept, "texts_kept": {SOURCE_WEB: sources.get(SOURCE_WEB, 0),
-                                     SOURCE_SYNTHETIC: sources.get(SOURCE_SYNTHETIC, 0)},
-        "seconds": seconds, "images_captioned": n_imgs, "captions_generated": n_caps,
-        "texts_scored": texts_scored, "image_bytes": img_bytes, "written_at": time.time(),
-    }
+    loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
+    write_bytes(loc, json.dumps(data, indent=indent, default=str, allow_nan=False).encode())
 
 
-class ShardWriter(Stage):
-    """Write each batch as committed shard part(s); returns one small stats row per part.
+def commit_part(out: Location, name: str, table: pa.Table, stats: dict, compression: str | None) -> None:
+    """Commit one shard part: Parquet under a temporary name, moved into place, then its stats.
 
-    Input: the pipeline table with internal ``_shard`` (int64 shard id) and ``_offset`` (int64 row
-    offset within the shard) columns. Rows of one shard are written together; the output table
-    (``name: string, shard_id: int64, rows: int64, stats: string`` JSON) goes back to the driver,
-    which never sees the image bytes.
+    Args:
+        out: the output folder.
+        name: the part's stem (:func:`part_name`).
+        table: the rows, already cast to the run's schema.
+        stats: the part's statistics, written last to ``_stats/<name>.stats.json``.
+        compression: Parquet codec (``zstd``, ``snappy``, ``gzip``) or ``None``.
     """
-
-    name: ClassVar[str] = "write"
-
-    def __init__(self, output_uri: str, schema: pa.Schema, run_id: str, compression: str = "zstd"):
-        self.output_uri = output_uri
-        self.schema = schema
-        self.run_id = run_id
-        self.compression = None if compression == "none" else compression
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = locate(self.output_uri)
-        names, ids, rows, stats = [], [], [], []
-        shard_col = batch.column("_shard").to_pylist()
-        for shard_id in sorted(set(shard_col)):
-            part = batch.filter(pc.equal(batch.column("_shard"), shard_id))
-            offset = int(pc.min(part.column("_offset")).as_py())
-            name = part_name(shard_id, offset)
-            st = shard_stats(part, name, shard_id, self.run_id)
-            table = conform(part, self.schema)
-            tmp = out.join(META_DIR, "tmp", f"{name}.{uuid.uuid4().hex}.parquet")
-            out.fs.create_dir(out.join(META_DIR, "tmp").path, recursive=True)
-            with out.fs.open_output_stream(tmp.path) as f:
-                pq.write_table(table, f, compression=self.compression)
-            out.fs.move(tmp.path, out.join(f"{name}.parquet").path)
-            out.fs.create_dir(out.join(STATS_DIR).path, recursive=True)
-            _write_bytes(out.join(STATS_DIR, name + STATS_SUFFIX), json.dumps(st, indent=1).encode())
-            names.append(name), ids.append(shard_id), rows.append(table.num_rows), stats.append(json.dumps(st))
-        return pa.table({"name": pa.array(names, pa.string()), "shard_id": pa.array(ids, pa.int64()),
-                         "rows": pa.array(rows, pa.int64()), "stats": pa.array(stats, pa.string())})
+    tmp = out.join(META_DIR, "tmp", f"{name}.{uuid.uuid4().hex}.parquet")
+    out.fs.create_dir(out.join(META_DIR, "tmp").path, recursive=True)
+    with out.fs.open_output_stream(tmp.path) as f:
+        pq.write_table(table, f, compression=compression)
+    out.fs.move(tmp.path, out.join(f"{name}.parquet").path)
+    out.fs.create_dir(out.join(STATS_DIR).path, recursive=True)
+    write_bytes(out.join(STATS_DIR, name + STATS_SUFFIX), json.dumps(stats, indent=1).encode())
 
 
 def scan_output(out: Location) -> tuple[list[CommittedPart], list[str]]:

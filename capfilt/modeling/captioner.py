@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from capfilt.config import CaptionConfig, ModelPreset, ModelSpec
+from capfilt.config import ModelPreset, ModelSpec
 from capfilt.modeling.batching import run_with_oom_backoff
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,33 @@ log = logging.getLogger(__name__)
 #: transformers' default ``top_k`` for sampling (``GenerationConfig``), applied before top-p by a
 #: plain ``generate(do_sample=True, top_p=0.9)`` call, hence by BLIP's and LAVIS' captioners.
 HF_DEFAULT_TOP_K = 50
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How :meth:`BlipCaptioner.generate` decodes (defaults: BLIP §4.3 nucleus sampling).
+
+    Attributes:
+        num_captions: captions per image.
+        top_p: nucleus-sampling probability mass in (0, 1].
+        temperature: softmax temperature (> 0).
+        repetition_penalty: CTRL repetition penalty (1.0: none).
+        max_length / min_length: tokens, counted over the decoder sequence including the prompt
+            (BLIP); new tokens for BLIP-2's decoder-only language model.
+        num_beams: ``> 1`` switches to beam search (deterministic; ``num_captions <= num_beams``).
+        prompt: text fed to the decoder first and stripped from the output.
+        batch_size: images per model call (halved on CUDA out-of-memory).
+    """
+
+    num_captions: int = 1
+    top_p: float = 0.9
+    temperature: float = 1.0
+    repetition_penalty: float = 1.1
+    max_length: int = 30
+    min_length: int = 5
+    num_beams: int = 1
+    prompt: str = "a picture of "
+    batch_size: int = 8
 
 
 def strip_prompt(tokenizer: Any, sequences: Any, prompt_len: int) -> list[str]:
@@ -194,7 +222,7 @@ class BlipCaptioner:
             cross.update(keys, values, i)
         return EncoderDecoderCache(DynamicCache(), cross)
 
-    def _generate_kwargs(self, cfg: CaptionConfig, seeds: Sequence[int]) -> dict[str, Any]:
+    def _generate_kwargs(self, cfg: Decoding, seeds: Sequence[int]) -> dict[str, Any]:
         kw: dict[str, Any] = dict(max_length=cfg.max_length, min_length=cfg.min_length,
                                   repetition_penalty=cfg.repetition_penalty, num_return_sequences=cfg.num_captions)
         if cfg.num_beams > 1:
@@ -211,7 +239,7 @@ class BlipCaptioner:
                       logits_processor=LogitsProcessorList([sampler]))
         return kw
 
-    def _generate_chunk(self, items: Sequence[tuple[Any, int]], cfg: CaptionConfig) -> list[list[str]]:
+    def _generate_chunk(self, items: Sequence[tuple[Any, int]], cfg: Decoding) -> list[list[str]]:
         import torch
 
         images = [im for im, _ in items]
@@ -233,18 +261,19 @@ class BlipCaptioner:
         n = cfg.num_captions
         return [texts[i * n:(i + 1) * n] for i in range(len(images))]
 
-    def generate(self, images: Sequence[Any], seeds: Sequence[int], cfg: CaptionConfig) -> list[list[str]]:
-        """Write ``cfg.num_captions`` captions for each image.
+    def generate(self, images: Sequence[Any], seeds: Sequence[int], decoding: Decoding = Decoding()
+                 ) -> list[list[str]]:
+        """Write ``decoding.num_captions`` captions for each image.
 
         Args:
             images: PIL images, RGB (``B``).
             seeds: one sampling seed per image (``B`` ints in ``[0, 2**63)``); captions of an image
-                depend only on the image, its seed and ``cfg``, never on the other images.
-            cfg: decoding settings; ``cfg.batch_size`` images go through the model at a time,
-                halved (and logged) on CUDA out-of-memory.
+                depend only on the image, its seed and ``decoding``, never on the other images.
+            decoding: decoding settings; ``decoding.batch_size`` images go through the model at a
+                time, halved (and logged) on CUDA out-of-memory.
 
         Returns:
-            ``B`` lists of ``cfg.num_captions`` strings, prompt stripped, in generation order
+            ``B`` lists of ``decoding.num_captions`` strings, prompt stripped, in generation order
             (beam search: best beam first).
 
         Raises:
@@ -254,7 +283,7 @@ class BlipCaptioner:
         if len(images) != len(seeds):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
         items = list(zip(images, seeds))
-        return run_with_oom_backoff(lambda part: self._generate_chunk(part, cfg), items, cfg.batch_size,
+        return run_with_oom_backoff(lambda part: self._generate_chunk(part, decoding), items, decoding.batch_size,
                                     what="captioner")
 
 
@@ -283,7 +312,7 @@ class Blip2Captioner(BlipCaptioner):
         model = load_pretrained(Blip2ForConditionalGeneration, spec, preset)
         return cls(model, load_processor(Blip2Processor, spec, preset))
 
-    def _generate_chunk(self, items: Sequence[tuple[Any, int]], cfg: CaptionConfig) -> list[list[str]]:
+    def _generate_chunk(self, items: Sequence[tuple[Any, int]], cfg: Decoding) -> list[list[str]]:
         import torch
 
         images = [im for im, _ in items]

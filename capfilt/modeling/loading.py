@@ -23,8 +23,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 #: Seconds a Hub metadata probe may take in :func:`preflight` (no probe when offline).
 HUB_PROBE_TIMEOUT = 10.0
-#: Preset roles that hold a model.
-ROLES = ("captioner", "filter", "clip")
 
 
 @dataclass(frozen=True)
@@ -237,6 +235,24 @@ def _check_available(spec: ModelSpec, preset: ModelPreset, role: str) -> None:
                              + how_to_provide(spec.id)) from None
 
 
+def require_role(preset: ModelPreset, role: str) -> ModelSpec:
+    """The model of ``preset`` in ``role``: the one place a run learns that the preset lacks it.
+
+    Raises:
+        ValueError: ``role`` is not a role of :class:`capfilt.config.ModelPreset` (a programming error).
+        ModelLoadError: the preset has no model in ``role`` (e.g. no ``clip`` model for
+            ``score.scorers: [clip]``); the message says how to add one.
+    """
+    if role not in ModelPreset.roles():
+        raise ValueError(f"unknown model role {role!r}; expected one of {ModelPreset.roles()}")
+    spec = getattr(preset, role)
+    if spec is None:
+        raise ModelLoadError(f"model preset {preset.name!r} has no {role} model, but the pipeline needs one "
+                             f"(score.scorers includes {role!r}); add `{role}: {{id: ..., kind: {role}}}` "
+                             f"to the preset, drop {role!r} from score.scorers, or choose another --models.")
+    return spec
+
+
 def preflight(preset: ModelPreset, need: set[str]) -> None:
     """Check, before any work, that the models a run needs can be loaded.
 
@@ -248,22 +264,16 @@ def preflight(preset: ModelPreset, need: set[str]) -> None:
 
     Args:
         preset: the model preset.
-        need: roles to check, a subset of ``{"captioner", "filter", "clip"}``.
+        need: roles to check, a subset of :meth:`capfilt.config.ModelPreset.roles`.
 
     Raises:
-        ModelLoadError: a needed model is missing or unreachable, or the preset has no ``clip``
-            model but ``clip`` is needed; the message names the model and how to provide it.
+        ModelLoadError: a needed model is missing or unreachable, or the preset has no model in a
+            needed role (:func:`require_role`); the message names the model and how to provide it.
         ValueError: ``need`` holds an unknown role.
     """
-    unknown = set(need) - set(ROLES)
+    unknown = set(need) - set(ModelPreset.roles())
     if unknown:
-        raise ValueError(f"unknown model role(s) {sorted(unknown)}; expected a subset of {ROLES}")
-    for role in ROLES:
-        if role not in need:
-            continue
-        spec = getattr(preset, role)
-        if spec is None:
-            raise ModelLoadError(f"model preset {preset.name!r} has no {role} model, but the pipeline needs one "
-                                 f"(score.scorers includes {role!r}); add `{role}: {{id: ..., kind: {role}}}` "
-                                 f"to the preset or drop {role!r} from score.scorers.")
-        _check_available(spec, preset, role)
+        raise ValueError(f"unknown model role(s) {sorted(unknown)}; expected a subset of {ModelPreset.roles()}")
+    for role in ModelPreset.roles():
+        if role in need:
+            _check_available(require_role(preset, role), preset, role)

@@ -12,18 +12,13 @@ import pyarrow as pa
 
 from capfilt.modeling.batching import chunks, is_oom
 from capfilt.schema import SUCCESS
-from capfilt.stages.base import set_column
+from capfilt.stages.base import column_or_nulls, set_column
 
 R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 #: Longest ``error_message`` a model stage writes (characters).
 MAX_ERROR_CHARS = 300
-
-
-def column(batch: pa.Table, name: str) -> list[Any]:
-    """``batch[name]`` as a Python list, or ``None`` per row when the column is absent."""
-    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
 
 
 def success_rows(batch: pa.Table) -> list[int]:
@@ -107,8 +102,8 @@ def mark_failed(batch: pa.Table, errors: dict[int, str], status: str) -> pa.Tabl
     """Set ``status`` and ``error_message`` of the rows in ``errors`` (other rows unchanged)."""
     if not errors:
         return batch
-    statuses = column(batch, "status")
-    messages = column(batch, "error_message")
+    statuses = column_or_nulls(batch, "status")
+    messages = column_or_nulls(batch, "error_message")
     for r, msg in errors.items():
         statuses[r] = status
         messages[r] = msg

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
 from capfilt.config import CaptionConfig, ModelPreset
-from capfilt.schema import FAILED_TO_CAPTION
-from capfilt.stages._model_rows import (add_seconds, column, decode_image, mark_failed, row_seed, run_rows,
-                                        success_rows)
-from capfilt.stages.base import Stage, set_column
+from capfilt.schema import CAPTION_FIELDS, FAILED_TO_CAPTION
+from capfilt.stages._model_rows import add_seconds, decode_image, mark_failed, row_seed, run_rows, success_rows
+from capfilt.stages.base import RunContext, Stage, column_or_nulls, set_field
+
+if TYPE_CHECKING:
+    from capfilt.config import PipelineConfig
+
+
+def decoding_of(cfg: CaptionConfig) -> Any:
+    """The recipe's ``caption`` section unpacked into the captioner's plain decoding settings.
+
+    Returns:
+        :class:`capfilt.modeling.captioner.Decoding` with the section's values of its fields.
+    """
+    from dataclasses import fields
+
+    from capfilt.modeling.captioner import Decoding
+
+    return Decoding(**{f.name: getattr(cfg, f.name) for f in fields(Decoding)})
 
 
 class CaptionStage(Stage):
@@ -34,12 +49,43 @@ class CaptionStage(Stage):
     """
 
     name: ClassVar[str] = "caption"
-    uses_model: ClassVar[bool] = True
+    section: ClassVar[str] = "caption"
+    shape: ClassVar[str] = "actor_pool"
+    fields: ClassVar[tuple[pa.Field, ...]] = tuple(CAPTION_FIELDS)
 
     def __init__(self, cfg: CaptionConfig, preset: ModelPreset):
         self.cfg = cfg
         self.preset = preset
         self.captioner: Any = None
+
+    @classmethod
+    def model_roles(cls, cfg: PipelineConfig) -> set[str]:
+        """The preset's ``captioner``."""
+        return {"captioner"}
+
+    @classmethod
+    def build(cls, cfg: PipelineConfig, ctx: RunContext) -> CaptionStage:
+        """The caption stage with the run's model preset."""
+        return cls(cfg.caption, ctx.preset)
+
+    @staticmethod
+    def stats(table: pa.Table) -> dict[str, Any]:
+        """``images_captioned`` (rows with a caption list) and ``captions_generated`` (captions in them)."""
+        n_imgs = n_caps = 0
+        for lst in column_or_nulls(table, CAPTION_FIELDS[0].name):
+            if lst is not None:
+                n_imgs += 1
+                n_caps += len(lst)
+        return {"images_captioned": n_imgs, "captions_generated": n_caps}
+
+    @classmethod
+    def throughput(cls, totals: dict[str, Any], seconds: float) -> dict[str, float] | None:
+        """``images_per_s`` and ``captions_per_s`` per worker-second (``None`` if nothing was captioned)."""
+        if not totals["images_captioned"]:
+            return None
+        return {"images_per_s": totals["images_captioned"] / seconds,
+                "captions_per_s": totals["captions_generated"] / seconds, "seconds": seconds}
+
 
     def setup(self) -> None:
         """Load the captioner (``kind: blip`` or ``blip2``) on its device.
@@ -56,17 +102,18 @@ class CaptionStage(Stage):
         """Caption the ``success`` rows of ``batch``; same rows, same order, plus the stage's columns."""
         start = time.perf_counter()
         self.setup()
-        keys = column(batch, "key")
-        images = column(batch, "image")
+        keys = column_or_nulls(batch, "key")
+        images = column_or_nulls(batch, "image")
+        decoding = decoding_of(self.cfg)
 
         def caption(rows: Sequence[int]) -> list[list[str]]:
             """Captions for the given row indices (decoding included, so a bad image fails its row only)."""
             ims = [decode_image(images[r]) for r in rows]
             seeds = [row_seed(self.cfg.seed, str(keys[r])) for r in rows]
-            return self.captioner.generate(ims, seeds, self.cfg)
+            return self.captioner.generate(ims, seeds, decoding)
 
         results, errors = run_rows(success_rows(batch), self.cfg.batch_size, caption, self.name)
         captions = [results.get(i) for i in range(batch.num_rows)]
-        out = set_column(batch, "synthetic_captions", pa.array(captions, pa.list_(pa.string())))
+        out = set_field(batch, CAPTION_FIELDS[0], captions)
         out = mark_failed(out, errors, FAILED_TO_CAPTION)
         return add_seconds(out, "_seconds_caption", time.perf_counter() - start)

@@ -20,14 +20,17 @@ duplicate. Which copy is kept depends on arrival order (the first one seen).
 from __future__ import annotations
 
 import io
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
 from capfilt.config import DedupConfig
 from capfilt.schema import DUPLICATE, SUCCESS
-from capfilt.stages.base import Stage, set_column
+from capfilt.stages.base import RunContext, Stage, set_column
+
+if TYPE_CHECKING:
+    from capfilt.config import PipelineConfig
 
 THUMB = 32
 
@@ -56,8 +59,7 @@ class DedupStage(Stage):
     """Set ``status = duplicate`` on rows whose image repeats an earlier row's (see module docs).
 
     Input columns: ``key``, ``status``, ``image``, ``sha256``. Only ``success`` rows are looked
-    at; other rows pass unchanged. ``uses_model`` is true only so that the runner gives it an
-    actor (run-wide state); the runner keeps that pool at exactly one actor.
+    at; other rows pass unchanged. It keeps run-wide state, so it runs as a ``single_actor``.
 
     Args:
         cfg: :class:`capfilt.config.DedupConfig`.
@@ -70,8 +72,8 @@ class DedupStage(Stage):
     """
 
     name: ClassVar[str] = "dedup"
-    uses_model: ClassVar[bool] = True
-    single_actor: ClassVar[bool] = True
+    section: ClassVar[str] = "dedup"
+    shape: ClassVar[str] = "single_actor"
 
     def __init__(self, cfg: DedupConfig, output_uri: str | None = None, committed: tuple[str, ...] = ()):
         self.cfg = cfg
@@ -80,6 +82,11 @@ class DedupStage(Stage):
         self._seen: dict[str, str] | None = None
         self._index = None
         self._index_keys: list[str] = []
+
+    @classmethod
+    def build(cls, cfg: PipelineConfig, ctx: RunContext) -> DedupStage:
+        """Dedup over this run, seeded with the shards already committed in its output."""
+        return cls(cfg.dedup, ctx.output_uri, ctx.committed)
 
     def setup(self) -> None:
         """Create the seen-set and faiss index, seeded with already committed shards."""

@@ -13,15 +13,16 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from capfilt import schema
 from capfilt.config import DownloadConfig
 from capfilt.io.fetch import fetch
 from capfilt.io.imaging import ImageProcessor, ImageResult
-from capfilt.stages.base import Stage, set_column
+from capfilt.stages.base import Stage, column_or_nulls, set_column, set_field
 
 
 class DownloadStage(Stage):
@@ -43,11 +44,24 @@ class DownloadStage(Stage):
     """
 
     name: ClassVar[str] = "download"
-    uses_model: ClassVar[bool] = False
+    section: ClassVar[str] = "download"
+    fields: ClassVar[tuple[pa.Field, ...]] = tuple(schema.DOWNLOAD_FIELDS)
 
     def __init__(self, cfg: DownloadConfig):
         self.cfg = cfg
         self._processor = ImageProcessor(cfg)
+
+    @staticmethod
+    def stats(table: pa.Table) -> dict[str, Any]:
+        """``image_bytes``: bytes of the stored images of the shard."""
+        if "image" not in table.column_names:
+            return {"image_bytes": 0}
+        return {"image_bytes": int(pc.sum(pc.binary_length(table.column("image"))).as_py() or 0)}
+
+    @classmethod
+    def throughput(cls, totals: dict[str, Any], seconds: float) -> dict[str, float]:
+        """``rows_per_s``: rows per worker-second of downloading."""
+        return {"rows_per_s": totals["rows"] / seconds, "seconds": seconds}
 
     def setup(self) -> None:
         """Import img2dataset and build its Resizer now (~3 s once per process) instead of in the first row."""
@@ -65,9 +79,8 @@ class DownloadStage(Stage):
         start = time.perf_counter()
         n = batch.num_rows
         urls = batch.column("url").to_pylist()
-        prior_status = batch.column("status").to_pylist() if "status" in batch.column_names else [None] * n
-        prior_message = (batch.column("error_message").to_pylist()
-                         if "error_message" in batch.column_names else [None] * n)
+        prior_status = column_or_nulls(batch, "status")
+        prior_message = column_or_nulls(batch, "error_message")
         todo = [i for i in range(n) if prior_status[i] in (None, schema.SUCCESS)]
         results: list[ImageResult | None] = [None] * n
         if todo:
@@ -92,12 +105,9 @@ class DownloadStage(Stage):
             ow.append(r.original_width)
             oh.append(r.original_height)
             digest.append(hashlib.sha256(r.image).hexdigest() if r.image is not None else None)
-        columns = dict(zip(
-            [f.name for f in schema.DOWNLOAD_FIELDS],
-            [status, message, image, width, height, ow, oh, digest]))
         out = batch
-        for field in schema.DOWNLOAD_FIELDS:
-            out = set_column(out, field.name, pa.array(columns[field.name], type=field.type))
+        for field, values in zip(self.fields, [status, message, image, width, height, ow, oh, digest]):
+            out = set_field(out, field, values)
         seconds = (time.perf_counter() - start) / n if n else 0.0
         return set_column(out, "_seconds_download", pa.array([seconds] * n, type=pa.float64()))
 

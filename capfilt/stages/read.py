@@ -1,16 +1,26 @@
-"""Read stages: turn shard specs (one row per shard) into the shard's rows."""
+"""Read stages: plan the shards of a run, then turn each shard spec (one row per shard) into its rows.
+
+Planning lives here, next to the stages that read what it plans: :func:`plan_metadata_shards`
+(row ranges of the input files) and :func:`plan_output_shards` (the committed parts of an earlier
+output, for refilter). Both leave out rows already committed, so a resume redoes only the rest.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.io.filesystem import locate
-from capfilt.io.reader import InputFile, read_rows
-from capfilt.stages.base import Stage
+from capfilt.io.filesystem import Location, locate
+from capfilt.io.reader import InputFile, key_to_position, read_rows
+from capfilt.schema import ID_FIELDS
+from capfilt.stages.base import RunContext, Stage
+
+if TYPE_CHECKING:
+    from capfilt.config import PipelineConfig
+    from capfilt.io.writer import CommittedPart
 
 SPEC_SCHEMA = pa.schema([("shard_id", pa.int64()), ("file_index", pa.int64()), ("start", pa.int64()),
                          ("stop", pa.int64()), ("skip", pa.list_(pa.int64())), ("path", pa.string())])
@@ -43,6 +53,51 @@ def specs_table(specs: list[ShardSpec]) -> pa.Table:
                                 schema=SPEC_SCHEMA)
 
 
+def plan_metadata_shards(files: list[InputFile], rows_per_shard: int, done_keys: list[str]
+                         ) -> tuple[list[ShardSpec], int]:
+    """Shard specs of metadata input: ``rows_per_shard`` rows of one file each, minus committed rows.
+
+    Shard ids are positions in the full plan, so they stay the same on resume.
+
+    Returns:
+        ``(specs still to do, number of shards already complete)``.
+    """
+    done = dict.fromkeys(key_to_position(k) for k in done_keys)
+    specs, shard_id, skipped = [], 0, 0
+    for f in files:
+        for start in range(0, f.num_rows, rows_per_shard):
+            stop = min(start + rows_per_shard, f.num_rows)
+            skip = tuple(r for r in range(start, stop) if (f.index, r) in done)
+            spec = ShardSpec(shard_id, f.index, start, stop, skip)
+            if spec.pending > 0:
+                specs.append(spec)
+            else:
+                skipped += 1
+            shard_id += 1
+    return specs, skipped
+
+
+def plan_output_shards(old: Location, old_parts: list[CommittedPart], done_keys: list[str]
+                       ) -> tuple[list[ShardSpec], int, int]:
+    """Shard specs of an earlier output (refilter): one per committed part, minus committed rows.
+
+    Returns:
+        ``(specs still to do, number of shards already complete, rows in the old output)``.
+    """
+    done_set = set(done_keys)
+    specs, skipped, total_rows = [], 0, 0
+    for sid, p in enumerate(old_parts):
+        with old.fs.open_input_file(p.parquet) as fh:
+            keys = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
+        total_rows += len(keys)
+        spec = ShardSpec(sid, 0, 0, len(keys), tuple(i for i, k in enumerate(keys) if k in done_set), p.parquet)
+        if spec.pending:
+            specs.append(spec)
+        else:
+            skipped += 1
+    return specs, skipped, total_rows
+
+
 def _with_position(t: pa.Table, shard_id: int, offsets: pa.Array) -> pa.Table:
     t = t.append_column("_shard", pa.array([shard_id] * t.num_rows, pa.int64()))
     return t.append_column("_offset", offsets)
@@ -56,9 +111,16 @@ class ReadStage(Stage):
     """
 
     name: ClassVar[str] = "read"
+    shape: ClassVar[str] = "fanout"
+    fields: ClassVar[tuple[pa.Field, ...]] = tuple(ID_FIELDS)
 
     def __init__(self, files: list[InputFile]):
         self.files = {f.index: f for f in files}
+
+    @classmethod
+    def build(cls, cfg: PipelineConfig, ctx: RunContext) -> ReadStage:
+        """The read stage over the run's input files."""
+        return cls(list(ctx.files))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tables = []
@@ -78,9 +140,16 @@ class ReadOutputStage(Stage):
     """
 
     name: ClassVar[str] = "read"
+    shape: ClassVar[str] = "fanout"
+    fields: ClassVar[tuple[pa.Field, ...]] = tuple(ID_FIELDS)
 
     def __init__(self, output_uri: str):
         self.output_uri = output_uri
+
+    @classmethod
+    def build(cls, cfg: PipelineConfig, ctx: RunContext) -> ReadOutputStage:
+        """The read stage over the earlier output the run refilters."""
+        return cls(ctx.source_uri)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         loc = locate(self.output_uri)

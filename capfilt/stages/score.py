@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from capfilt.config import ModelPreset, ScoreConfig
 from capfilt.modeling.scores import ScoreResult
-from capfilt.schema import FAILED_TO_SCORE
-from capfilt.stages._model_rows import add_seconds, column, decode_image, mark_failed, run_rows, success_rows
-from capfilt.stages.base import Stage, set_column
+from capfilt.schema import CAPTION_FIELDS, FAILED_TO_SCORE, SUCCESS, score_fields
+from capfilt.stages._model_rows import add_seconds, decode_image, mark_failed, run_rows, success_rows
+from capfilt.stages.base import RunContext, Stage, column_or_nulls, set_column, set_field
+
+if TYPE_CHECKING:
+    from capfilt.config import PipelineConfig
+
+#: The preset role whose model computes each scorer.
+SCORER_ROLES = {"itm": "filter", "itc": "filter", "clip": "clip"}
 
 
 def _has_web(text: Any) -> bool:
@@ -47,12 +54,43 @@ class ScoreStage(Stage):
     """
 
     name: ClassVar[str] = "score"
-    uses_model: ClassVar[bool] = True
+    section: ClassVar[str] = "score"
+    shape: ClassVar[str] = "actor_pool"
 
     def __init__(self, cfg: ScoreConfig, preset: ModelPreset):
         self.cfg = cfg
         self.preset = preset
         self.scorers: list[Any] = []
+
+    @classmethod
+    def model_roles(cls, cfg: PipelineConfig) -> set[str]:
+        """``filter`` for ``itm``/``itc``, ``clip`` for ``clip`` (see :data:`SCORER_ROLES`)."""
+        return {SCORER_ROLES[s] for s in cfg.score.scorers}
+
+    @classmethod
+    def output_fields(cls, scorers: Sequence[str] = ()) -> list[pa.Field]:
+        """:func:`capfilt.schema.score_fields` of each scorer the run's shards hold."""
+        return [f for s in scorers for f in score_fields(s)]
+
+    @classmethod
+    def build(cls, cfg: PipelineConfig, ctx: RunContext) -> ScoreStage:
+        """The score stage with the run's model preset."""
+        return cls(cfg.score, ctx.preset)
+
+    @staticmethod
+    def stats(table: pa.Table) -> dict[str, Any]:
+        """``texts_scored``: candidate texts scored in the shard."""
+        if "_texts_score" not in table.column_names:
+            return {"texts_scored": 0}
+        return {"texts_scored": int(pc.sum(table.column("_texts_score")).as_py() or 0)}
+
+    @classmethod
+    def throughput(cls, totals: dict[str, Any], seconds: float) -> dict[str, float] | None:
+        """``texts_per_s`` and ``images_per_s`` per worker-second (``None`` if nothing was scored)."""
+        if not totals["texts_scored"]:
+            return None
+        return {"texts_per_s": totals["texts_scored"] / seconds,
+                "images_per_s": totals["status"].get(SUCCESS, 0) / seconds, "seconds": seconds}
 
     def setup(self) -> None:
         """Load the scoring models ``cfg.scorers`` needs.
@@ -63,20 +101,19 @@ class ScoreStage(Stage):
         """
         if self.scorers:
             return
-        blip_kinds = [s for s in self.cfg.scorers if s in ("itm", "itc")]
+        from capfilt.modeling.loading import require_role
+
+        blip_kinds = [s for s in self.cfg.scorers if SCORER_ROLES[s] == "filter"]
         scorers: list[Any] = []
         if blip_kinds:
             from capfilt.modeling.blip_scorer import BlipScorer
 
-            scorers.append(BlipScorer.from_spec(self.preset.filter, self.preset, blip_kinds, self.cfg.max_text_tokens))
+            spec = require_role(self.preset, "filter")
+            scorers.append(BlipScorer.from_spec(spec, self.preset, blip_kinds, self.cfg.max_text_tokens))
         if "clip" in self.cfg.scorers:
-            from capfilt.errors import ModelLoadError
             from capfilt.modeling.clip_scorer import ClipScorer
 
-            if self.preset.clip is None:
-                raise ModelLoadError(f"score.scorers includes 'clip' but model preset {self.preset.name!r} has no "
-                                     f"clip model; add `clip: {{id: openai/clip-vit-large-patch14, kind: clip}}`.")
-            scorers.append(ClipScorer.from_spec(self.preset.clip, self.preset))
+            scorers.append(ClipScorer.from_spec(require_role(self.preset, "clip"), self.preset))
         self.scorers = scorers
 
     def _score(self, images: Sequence[Any], texts: Sequence[Sequence[str]]) -> list[dict[str, np.ndarray]]:
@@ -94,9 +131,9 @@ class ScoreStage(Stage):
         """Score the ``success`` rows of ``batch``; same rows, same order, plus the score columns."""
         start = time.perf_counter()
         self.setup()
-        images = column(batch, "image")
-        web = column(batch, "caption")
-        synth = column(batch, "synthetic_captions")
+        images = column_or_nulls(batch, "image")
+        web = column_or_nulls(batch, "caption")
+        synth = column_or_nulls(batch, CAPTION_FIELDS[0].name)
 
         def texts_of(r: int) -> list[str]:
             """Candidate texts of row ``r``: the web caption (if any), then its synthetic captions."""
@@ -118,8 +155,9 @@ class ScoreStage(Stage):
                 n_syn = len(synth[r]) if synth[r] is not None else 0
                 syn_col[r] = values[:n_syn] if synth[r] is not None else None
                 web_col[r] = values[n_syn] if _has_web(web[r]) else None
-            out = set_column(out, f"synthetic_{s}", pa.array(syn_col, pa.list_(pa.float32())))
-            out = set_column(out, f"web_{s}", pa.array(web_col, pa.float32()))
+            syn_field, web_field = score_fields(s)
+            out = set_field(out, syn_field, syn_col)
+            out = set_field(out, web_field, web_col)
         texts_count = [len(texts_of(r)) if r in results else 0 for r in range(n)]
         out = set_column(out, "_texts_score", pa.array(texts_count, pa.int32()))
         out = mark_failed(out, errors, FAILED_TO_SCORE)

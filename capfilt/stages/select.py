@@ -8,18 +8,16 @@ image-text similarity and keep the top two. Both are :class:`capfilt.config.Sele
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections import Counter
+from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from capfilt.config import SelectConfig
-from capfilt.schema import (DROP_BELOW_THRESHOLD, DROP_NO_CANDIDATES, DROP_NOT_DOWNLOADED, SOURCE_SYNTHETIC,
-                            SOURCE_WEB, SUCCESS)
-from capfilt.stages.base import Stage, set_column
-
-
-def _col(batch: pa.Table, name: str) -> list:
-    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+from capfilt.schema import (CAPTION_FIELDS, DROP_BELOW_THRESHOLD, DROP_NO_CANDIDATES, DROP_NOT_DOWNLOADED,
+                            SELECT_FIELDS, SOURCE_SYNTHETIC, SOURCE_WEB, SUCCESS)
+from capfilt.stages.base import Stage, column_or_nulls, set_field
 
 
 class SelectStage(Stage):
@@ -38,6 +36,18 @@ class SelectStage(Stage):
     """
 
     name: ClassVar[str] = "select"
+    section: ClassVar[str] = "select"
+    fields: ClassVar[tuple[pa.Field, ...]] = tuple(SELECT_FIELDS)
+
+    @staticmethod
+    def stats(table: pa.Table) -> dict[str, Any]:
+        """``keep`` (rows kept) and ``texts_kept`` (kept texts per source, ``web`` / ``synthetic``)."""
+        kept = int(pc.sum(table.column("keep")).as_py() or 0) if "keep" in table.column_names else 0
+        sources: Counter = Counter()
+        for lst in column_or_nulls(table, "caption_sources"):
+            sources.update(lst or [])
+        return {"keep": kept, "texts_kept": {SOURCE_WEB: sources.get(SOURCE_WEB, 0),
+                                             SOURCE_SYNTHETIC: sources.get(SOURCE_SYNTHETIC, 0)}}
 
     def __init__(self, cfg: SelectConfig):
         self.cfg = cfg
@@ -46,11 +56,11 @@ class SelectStage(Stage):
         cfg = self.cfg
         thresholds = cfg.thresholds()
         score_names = sorted(set(thresholds) | {cfg.rank_by})
-        status = _col(batch, "status")
-        web = _col(batch, "caption")
-        synth = _col(batch, "synthetic_captions")
-        web_scores = {s: _col(batch, f"web_{s}") for s in score_names}
-        syn_scores = {s: _col(batch, f"synthetic_{s}") for s in score_names}
+        status = column_or_nulls(batch, "status")
+        web = column_or_nulls(batch, "caption")
+        synth = column_or_nulls(batch, CAPTION_FIELDS[0].name)
+        web_scores = {s: column_or_nulls(batch, f"web_{s}") for s in score_names}
+        syn_scores = {s: column_or_nulls(batch, f"synthetic_{s}") for s in score_names}
         captions, scores, sources, keep, reasons = [], [], [], [], []
         for i in range(batch.num_rows):
             if status[i] != SUCCESS:
@@ -77,9 +87,6 @@ class SelectStage(Stage):
             keep.append(bool(passed))
             reasons.append(None if passed else (DROP_BELOW_THRESHOLD if cands else DROP_NO_CANDIDATES))
         out = batch
-        out = set_column(out, "captions", pa.array(captions, pa.list_(pa.string())))
-        out = set_column(out, "caption_scores", pa.array(scores, pa.list_(pa.float32())))
-        out = set_column(out, "caption_sources", pa.array(sources, pa.list_(pa.string())))
-        out = set_column(out, "keep", pa.array(keep, pa.bool_()))
-        out = set_column(out, "drop_reason", pa.array(reasons, pa.string()))
+        for field, values in zip(self.fields, (captions, scores, sources, keep, reasons)):
+            out = set_field(out, field, values)
         return out

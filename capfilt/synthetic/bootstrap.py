@@ -227,9 +227,10 @@ class Experiment:
             images = decode([(data / "test" / r["url"]).read_bytes() for r in test])
             truth = [parse_caption(r["true_caption"]) for r in test]
             cap = _captioner(captioner)
-            cfg = load_pipeline("blip").caption
+            from capfilt.stages.caption import decoding_of
+
             n = min(self.size.eval_captions, len(images))
-            caps = generate_captions(cap, images[:n], cfg, seed)
+            caps = generate_captions(cap, images[:n], decoding_of(load_pipeline("blip").caption), seed)
             cap_rep = caption_report(caps, truth[:n])
             texts = [r["caption"] for r in test]
             down = {arm: retrieval(_scorer(path), images, texts, truth)

@@ -66,10 +66,10 @@ def caption_report(captions: Sequence[str], contents: Sequence[Counter]) -> dict
     return {k: sum(s[k] for s in scores) / n for k in ("exact", "colors", "shapes", "count")} | {"n": len(scores)}
 
 
-def generate_captions(captioner: Any, images: Sequence[Image.Image], cfg: Any, seed: int = 0) -> list[str]:
-    """One caption per image with ``captioner`` (nucleus sampling per ``cfg``, per-row seeds)."""
+def generate_captions(captioner: Any, images: Sequence[Image.Image], decoding: Any, seed: int = 0) -> list[str]:
+    """One caption per image with ``captioner`` (:class:`capfilt.modeling.captioner.Decoding`, per-row seeds)."""
     seeds = [seed * 1_000_003 + i for i in range(len(images))]
-    return [c[0] for c in captioner.generate(list(images), seeds, cfg)]
+    return [c[0] for c in captioner.generate(list(images), seeds, decoding)]
 
 
 def retrieval(scorer: Any, images: Sequence[Image.Image], texts: Sequence[str], contents: Sequence[Counter],

@@ -10,11 +10,13 @@ generated captions back into objects.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from capfilt.config import load_pipeline, load_preset
+from capfilt.stages.caption import decoding_of
 from capfilt.synthetic.evaluate import caption_report
 from capfilt.synthetic.splits import generate
 from capfilt.synthetic.world import describe, make_noisy, parse_caption
@@ -113,11 +115,11 @@ def test_multi_image_grouping_and_text_chunk_boundary(scorer, world, monkeypatch
 
 
 def test_captioner_writes_correct_captions_batch_independent(captioner, world):
-    cfg = load_pipeline("blip").caption
+    dec = decoding_of(load_pipeline("blip").caption)
     seeds = list(range(100, 100 + 32))
     imgs = world["images"][:32]
-    b16 = captioner.generate(imgs, seeds, cfg.model_copy(update={"batch_size": 16}))
-    b1 = captioner.generate(imgs, seeds, cfg.model_copy(update={"batch_size": 1}))
+    b16 = captioner.generate(imgs, seeds, replace(dec, batch_size=16))
+    b1 = captioner.generate(imgs, seeds, replace(dec, batch_size=1))
     assert b16 == b1
     caps = [c[0] for c in b16]
     rep = caption_report(caps, world["contents"][:32])
@@ -148,7 +150,7 @@ def test_trained_checkpoint_reloads_as_a_preset_whose_captions_end_properly(tmp_
     cap = BlipCaptioner.from_spec(p.captioner, p)
     rows = list(generate("test", 12, seed=SEED + 1))
     cfg = load_pipeline("blip").caption
-    texts = [c[0] for c in cap.generate(decode([r.image for r in rows]), list(range(12)), cfg)]
+    texts = [c[0] for c in cap.generate(decode([r.image for r in rows]), list(range(12)), decoding_of(cfg))]
     ids = cap.processor.tokenizer(texts).input_ids
     assert all(len(i) < cfg.max_length - 3 for i in ids), texts  # ended by [SEP], not cut at max_length
     assert all(parse_caption(t) for t in texts), texts  # each names at least one object

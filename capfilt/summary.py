@@ -1,0 +1,28 @@
+"""The end-of-run summary table that ``capfilt run`` and ``capfilt demo`` print."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(result, con: Console | None = None) -> None:
+    """Print the end-of-run table: rows, statuses, texts kept, output path, wall time."""
+    con = con or Console()
+    t = result.totals
+    table = Table(title="capfilt run", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("rows", f"{t['rows']:,}")
+    for status, n in sorted(t["status"].items(), key=lambda kv: (kv[0] != "success", -kv[1])):
+        table.add_row(f"  {status}", f"{n:,}")
+    table.add_row("rows kept", f"{t['keep']:,}")
+    tk = t.get("texts_kept", {})
+    table.add_row("texts kept (web / synthetic)", f"{tk.get('web', 0):,} / {tk.get('synthetic', 0):,}")
+    for stage, tp in t.get("throughput", {}).items():
+        rate = ", ".join(f"{v:.2f} {k.replace('_per_s', '')}/s" for k, v in tp.items() if k.endswith("_per_s"))
+        table.add_row(f"{stage} throughput", rate)
+    table.add_row("shard parts written / already done", f"{result.parts_written} / {result.parts_skipped}")
+    table.add_row("output", str(result.output))
+    table.add_row("wall time", f"{result.wall_seconds:.1f} s")
+    con.print(table)

@@ -1,0 +1,1 @@
+"""Stage tests: the contract every registered stage keeps, and adding a stage."""
