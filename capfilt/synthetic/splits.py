@@ -1,7 +1,8 @@
 """Splits of the shapes world, as rows in memory or as files a user (or capfilt) reads.
 
 Three splits, as in BLIP's setting (BLIP §3.3): ``web`` (large, noisy alt text: the LAION stand-in),
-``human`` (small, exact captions: the COCO stand-in the captioner and filter are finetuned on) and
+``human`` (small, exact captions, one canonical caption per content: the COCO stand-in the
+captioner and filter are finetuned on) and
 ``test`` (exact captions, held out). Each split of each seed is its own random stream, so the
 splits never share an image and ``capfilt synth --seed S`` makes data no model has seen.
 
@@ -27,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.synthetic.world import (DEFAULT_NOISE_MIX, NOISE_TYPES, Scene, applicable, describe, make_noisy,
-                                     render, sample_scene)
+from capfilt.synthetic.world import (DEFAULT_NOISE_MIX, NOISE_TYPES, Scene, applicable, canonical_caption,
+                                     make_noisy, render, sample_scene)
 
 SPLITS = ("web", "human", "test")
 _SPLIT_STREAM = {"web": 11, "human": 22, "test": 33}
@@ -110,10 +111,13 @@ def generate(split: str, n: int, seed: int = 0, noise_rate: float | None = None,
                     break
             else:
                 kind = "clean"
-        caption = make_noisy(kind, content, rng, other)
+        # web alt text varies (random template and order); human captions are canonical: one
+        # caption per content, as a careful annotator writes them (see canonical_caption)
+        caption = canonical_caption(content) if split != "web" and kind == "clean" else make_noisy(kind, content,
+                                                                                                     rng, other)
         buf = io.BytesIO()
         render(scene, rng).save(buf, format="JPEG", quality=92)
-        yield Row(i, scene, buf.getvalue(), caption, kind, describe(content, rng, template="{x}"))
+        yield Row(i, scene, buf.getvalue(), caption, kind, canonical_caption(content, template="{x}"))
 
 
 def write_split(output: str | Path, split: str, n: int, seed: int = 0, noise_rate: float | None = None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -182,6 +183,20 @@ def describe(content: Counter, rng: np.random.Generator, template: str | None = 
     x = groups[0] if len(groups) == 1 else ", ".join(groups[:-1]) + " and " + groups[-1]
     t = template if template is not None else TEMPLATES[int(rng.integers(len(TEMPLATES)))]
     return t.format(x=x)
+
+
+def canonical_caption(content: Counter, template: str | None = None) -> str:
+    """The one caption a careful annotator writes for ``content``: groups in a fixed order (shape,
+    then colour, as listed in :data:`SHAPES` / :data:`COLORS`) inside a template picked by a
+    stable hash of the content (``template`` forces one). Equal contents get equal captions, so
+    duplicate descriptions of different images are recognisable as such (the human split)."""
+    order = {c: i for i, c in enumerate(COLORS)}, {s: i for i, s in enumerate(SHAPES)}
+    keys = sorted((k for k, n in content.items() if n > 0), key=lambda k: (order[1][k[1]], order[0][k[0]]))
+    groups = [phrase(content[k], *k) for k in keys]
+    x = groups[0] if len(groups) == 1 else ", ".join(groups[:-1]) + " and " + groups[-1]
+    if template is None:
+        template = TEMPLATES[zlib.crc32(x.encode()) % len(TEMPLATES)]
+    return template.format(x=x)
 
 
 _TOKEN = re.compile(r"[a-z]+")

@@ -443,16 +443,54 @@ class StreamingDataset(IterableDataset):
                 "consumer": consumer, "position": position, "epoch": epoch}
 
 
+def match_groups(groups: Sequence[int], texts: Sequence[str]) -> list[int]:
+    """Merge the samples of a batch that are the same image *or* carry the same text.
+
+    ITC treats pairs of one group as positives and ITM never samples a negative from the anchor's
+    group (BLIP §3.2; COCO: the image id). Two different images with the same caption (a duplicate
+    alt text such as ``"image"``, or two pictures of the same thing described the same way) would
+    otherwise be a *false* negative, and ITC's hard-negative sampling picks exactly those first,
+    teaching ITM to reject true matches. Texts are compared after lowercasing and whitespace
+    normalisation.
+
+    Args:
+        groups: ``B`` group ids (image ids).
+        texts: ``B`` texts.
+
+    Returns:
+        ``B`` ints: equal for samples connected by a shared group or a shared text (the smallest
+        batch index of the component).
+    """
+    parent = list(range(len(groups)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, Any], int] = {}
+    for i, (g, t) in enumerate(zip(groups, texts)):
+        for key in (("g", int(g)), ("t", " ".join(str(t).lower().split()))):
+            j = first.setdefault(key, i)
+            a, b = find(i), find(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return [find(i) for i in range(len(groups))]
+
+
 def collate_common(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the task-independent fields of a list of samples.
 
     Returns:
-        ``pixel_values`` float32 ``(B, 3, H, W)``, ``group``/``consumer``/``position``/``epoch``
-        int64 ``(B,)``, ``texts`` and ``keys`` lists of ``B`` strings.
+        ``pixel_values`` float32 ``(B, 3, H, W)``, ``group`` int64 ``(B,)`` (the samples' group
+        ids merged by :func:`match_groups`: same image or same text), ``consumer``/``position``/
+        ``epoch`` int64 ``(B,)``, ``texts`` and ``keys`` lists of ``B`` strings.
     """
     return {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "group": torch.tensor([s["group"] for s in samples], dtype=torch.int64),
+        "group": torch.tensor(match_groups([s["group"] for s in samples], [s["text"] for s in samples]),
+                              dtype=torch.int64),
         "consumer": torch.tensor([s["consumer"] for s in samples], dtype=torch.int64),
         "position": torch.tensor([s["position"] for s in samples], dtype=torch.int64),
         "epoch": torch.tensor([s["epoch"] for s in samples], dtype=torch.int64),
