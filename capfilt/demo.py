@@ -28,6 +28,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from capfilt.errors import shorten
+
 DEMO_DIR = Path(__file__).parent / "demo_data"
 
 #: (file, web caption); two captions are deliberately swapped to give the filter something to do.
@@ -227,7 +229,7 @@ def _print_samples(output: Path, console: Console, n: int = 4, noise: bool = Fal
         if isinstance(v, list):
             v = " | ".join(v)
         v = str(v)
-        return v if len(v) <= 60 else v[:57] + "..."
+        return shorten(v, 60, "...")
 
     for row in t.slice(0, n).to_pylist():
         table.add_row(*[fmt(v) for v in row.values()])
