@@ -164,7 +164,7 @@ def _print_shapes_summary(output: Path, result, console: Console, n: int = 8) ->
     from capfilt.synthetic.evaluate import output_report
     from capfilt.synthetic.world import NOISE_TYPES, caption_correct
 
-    threshold = result.record.get("config", {}).get("select", {}).get("itm_threshold")
+    threshold = (result.record.config or {}).get("select", {}).get("itm_threshold")
     threshold = 0.5 if threshold is None else float(threshold)
     rep = output_report(str(output), threshold)
     f = rep["filter"]
