@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from capfilt.errors import CapfiltError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from capfilt.errors import CapfiltError
 
 Scorer = Literal["itm", "itc", "clip"]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Base of every config model (recipes, presets, training recipes): unknown keys are errors,
+    instances are frozen (hashable, safe to share between stages and processes)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+S = TypeVar("S", bound=Strict)
 
 
 class ConfigError(CapfiltError, ValueError):
@@ -31,7 +38,7 @@ class ConfigError(CapfiltError, ValueError):
 # --------------------------------------------------------------------------------------------
 # recipe sections
 # --------------------------------------------------------------------------------------------
-class InputConfig(_Strict):
+class InputConfig(Strict):
     """How input metadata is read (img2dataset's ``--url_col`` / ``--caption_col`` semantics).
 
     ``url_col`` / ``caption_col`` of ``None`` mean: find them case-insensitively among
@@ -46,7 +53,7 @@ class InputConfig(_Strict):
     csv_header: bool = True
 
 
-class DownloadConfig(_Strict):
+class DownloadConfig(Strict):
     """Fetching and resizing (img2dataset's downloader/resizer options, same names where they exist).
 
     Attributes:
@@ -86,7 +93,7 @@ class DownloadConfig(_Strict):
     allow_file_urls: bool = False
 
 
-class CaptionConfig(_Strict):
+class CaptionConfig(Strict):
     """The captioner (BLIP §3.3 / §4.3): nucleus sampling, repetition penalty 1.1, prompt stripped.
 
     ``num_beams > 1`` switches to beam search (less diverse, worse data per BLIP §4.3; not default).
@@ -115,7 +122,7 @@ class CaptionConfig(_Strict):
         return self
 
 
-class ScoreConfig(_Strict):
+class ScoreConfig(Strict):
     """The filter's scorers. Each image is encoded once; every candidate text is scored against it.
 
     Attributes:
@@ -137,7 +144,7 @@ class ScoreConfig(_Strict):
         return v
 
 
-class SelectConfig(_Strict):
+class SelectConfig(Strict):
     """Keep/rank decision from stored scores (no model; ``refilter`` re-runs only this).
 
     A candidate text (the web caption and each synthetic caption) passes when every set threshold
@@ -164,7 +171,7 @@ class SelectConfig(_Strict):
         return set(self.thresholds()) | {self.rank_by}
 
 
-class DedupConfig(_Strict):
+class DedupConfig(Strict):
     """Optional duplicate marking after download (see :mod:`capfilt.stages.dedup`).
 
     ``exact``: same stored image bytes (sha256). ``near``: perceptual-embedding cosine >=
@@ -177,14 +184,14 @@ class DedupConfig(_Strict):
     near_threshold: float = Field(0.95, gt=0, le=1)
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     """Shard layout. ``rows_per_shard`` input rows go to one shard (img2dataset's number_sample_per_shard)."""
 
     rows_per_shard: int = Field(1000, ge=1)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
 
-class StageResources(_Strict):
+class StageResources(Strict):
     """Ray resources of one stage: per task/actor CPUs and GPUs, and how many run at once.
 
     ``concurrency`` is a fixed count or ``[min, max]`` for an autoscaling actor pool. ``None``
@@ -206,7 +213,7 @@ class StageResources(_Strict):
     concurrency: int | tuple[int, int] | None = None
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(Strict):
     """Resources for each stage; fractional CPUs keep 2-core machines from deadlocking."""
 
     read: StageResources = StageResources(num_cpus=0.25)
@@ -218,7 +225,7 @@ class ResourcesConfig(_Strict):
     write: StageResources = StageResources(num_cpus=0.25)
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     """A pipeline recipe (``pipelines/NAME.yaml``): what runs and with which settings.
 
     ``source: output`` reads an existing capfilt output instead of metadata and re-runs only
@@ -261,7 +268,7 @@ class PipelineConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 # model presets
 # --------------------------------------------------------------------------------------------
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """One checkpoint, loaded with ``from_pretrained(id, revision=...)``.
 
     ``id`` is a Hugging Face Hub id or a local directory. ``kind`` picks the wrapper:
@@ -278,7 +285,7 @@ class ModelSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class ModelPreset(_Strict):
+class ModelPreset(Strict):
     """A model preset (``models/NAME.yaml``): the captioner, the filter and optionally CLIP.
 
     ``builder: tiny`` means the checkpoints are built locally with random weights on first use
@@ -329,7 +336,12 @@ def _resolve_yaml(name_or_path: str, kind: Literal["pipelines", "models"]) -> Pa
     return cand
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def load_yaml(path: Path) -> dict[str, Any]:
+    """The top-level mapping of the YAML file ``path`` (an empty file is ``{}``).
+
+    Raises:
+        ConfigError: not valid YAML, or the top level is not a mapping.
+    """
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -339,13 +351,32 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _format_validation(err: ValidationError, where: str) -> str:
+def format_validation(err: ValidationError, where: str) -> str:
+    """One line per problem of ``err`` (``section.key: why``; extra keys say ``unknown key``), under
+    a first line naming ``where`` (e.g. ``pipeline pipelines/blip.yaml``)."""
     lines = [f"{where}: invalid configuration"]
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+def validate(cls: type[S], data: dict[str, Any], where: str) -> S:
+    """``cls.model_validate(data)`` with every problem listed in one :class:`ConfigError`.
+
+    Args:
+        cls: a :class:`Strict` config model.
+        data: the loaded YAML (overrides applied).
+        where: what ``data`` is, for the message (``model preset models/tiny.yaml``).
+
+    Raises:
+        ConfigError: unknown keys or invalid values (:func:`format_validation`).
+    """
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation(e, where)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -396,11 +427,8 @@ def load_pipeline(name_or_path: str = "blip", overrides: list[str] | dict[str, A
         ConfigError: unknown recipe, invalid YAML, unknown keys or invalid values (message lists each).
     """
     path = _resolve_yaml(name_or_path, "pipelines")
-    data = apply_overrides(_load_yaml(path), overrides or [])
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation(e, f"pipeline {path}")) from None
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return validate(PipelineConfig, data, f"pipeline {path}")
 
 
 def load_preset(name_or_path: str = "blip-large") -> ModelPreset:
@@ -413,12 +441,9 @@ def load_preset(name_or_path: str = "blip-large") -> ModelPreset:
         ConfigError: unknown preset, invalid YAML, unknown keys or invalid values.
     """
     path = _resolve_yaml(name_or_path, "models")
-    data = _load_yaml(path)
+    data = load_yaml(path)
     for role in ModelPreset.roles():
         spec = data.get(role)
         if isinstance(spec, dict) and isinstance(spec.get("id"), str) and spec["id"].startswith(("./", "../")):
             spec["id"] = str((path.parent / spec["id"]).resolve())
-    try:
-        return ModelPreset.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation(e, f"model preset {path}")) from None
+    return validate(ModelPreset, data, f"model preset {path}")

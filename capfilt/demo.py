@@ -28,6 +28,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from capfilt.errors import shorten
+
 DEMO_DIR = Path(__file__).parent / "demo_data"
 
 #: (file, web caption); two captions are deliberately swapped to give the filter something to do.
@@ -162,7 +164,7 @@ def _print_shapes_summary(output: Path, result, console: Console, n: int = 8) ->
     from capfilt.synthetic.evaluate import output_report
     from capfilt.synthetic.world import NOISE_TYPES, caption_correct
 
-    threshold = result.record.get("config", {}).get("select", {}).get("itm_threshold")
+    threshold = (result.record.config or {}).get("select", {}).get("itm_threshold")
     threshold = 0.5 if threshold is None else float(threshold)
     rep = output_report(str(output), threshold)
     f = rep["filter"]
@@ -227,7 +229,7 @@ def _print_samples(output: Path, console: Console, n: int = 4, noise: bool = Fal
         if isinstance(v, list):
             v = " | ".join(v)
         v = str(v)
-        return v if len(v) <= 60 else v[:57] + "..."
+        return shorten(v, 60, "...")
 
     for row in t.slice(0, n).to_pylist():
         table.add_row(*[fmt(v) for v in row.values()])

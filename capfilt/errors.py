@@ -23,3 +23,22 @@ class OutputError(CapfiltError):
 class LabelError(CapfiltError):
     """``capfilt report --label-col``: the label column is missing, unusable, or has no value meaning
     "the web caption matches its image" (raised before or right after reading the shards)."""
+
+
+def shorten(text: str, limit: int, ellipsis: str = "…") -> str:
+    """``text`` cut to at most ``limit`` characters, ending in ``ellipsis`` when it was cut.
+
+    The one way capfilt shortens a message (error messages in rows, load errors, URLs quoted in
+    messages); each caller passes its own ``limit`` and marker (``""`` cuts without one).
+
+    Args:
+        text: the message.
+        limit: the longest result, in characters (``ellipsis`` included); at least ``len(ellipsis)``.
+        ellipsis: appended to a cut text.
+    """
+    return text if len(text) <= limit else text[: limit - len(ellipsis)] + ellipsis
+
+
+def one_line(err: BaseException | str) -> str:
+    """``str(err)`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(err).split())

@@ -543,3 +543,13 @@ def test_public_name_with_a_private_second_address_is_refused(monkeypatch, conne
     assert (r.status, r.error_message) == (schema.BLOCKED_ADDRESS,
                                            "host rebind.test (169.254.169.254) is a link-local address")
     assert connections == []
+
+
+def test_shorten_is_the_one_message_cutter():
+    from capfilt.errors import one_line, shorten
+
+    assert shorten("abcdef", 6) == "abcdef"
+    assert shorten("abcdefg", 6) == "abcde…"
+    assert shorten("abcdefg", 6, "...") == "abc..."
+    assert shorten("abcdefg", 6, "") == "abcdef"
+    assert one_line("a\n  b\tc ") == "a b c"

@@ -185,14 +185,14 @@ def test_coco_real_photos(coco_run):
         assert r["captions"] == [c for c, _ in expect]
         assert r["keep"] == bool(expect)
         assert r["drop_reason"] == (None if expect else "below_threshold")
-    stages = result.record["stages"]
+    stages = result.record.stages
     assert stages["caption"]["images_per_s"] > 0 and stages["score"]["texts_per_s"] > 0
 
 
 def test_rerun_same_command_does_nothing_and_other_recipe_is_refused(coco_run, tmp_path):
     _rows, out, result = coco_run
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
-    inp = result.record["inputs"][0]["uri"]
+    inp = result.record.inputs[0]["uri"]
     again = run(RunOptions(inputs=[inp], output=str(out), models="tiny",
                            overrides=["download.allow_private_network=true", "output.rows_per_shard=40",
                                       "download.image_size=64"], progress=False))

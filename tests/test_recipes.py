@@ -93,6 +93,6 @@ def test_refilter_says_when_a_score_was_never_computed(tmp_path):
 def test_blip2_captioner_preset_runs_end_to_end(tmp_path):
     out = tmp_path / "b2"
     res = run_demo(out, models="tiny-blip2", pipeline="blip", progress=False, world="photos")
-    assert res.record["models"]["captioner"]["kind"] == "blip2"
+    assert res.record.models["captioner"]["kind"] == "blip2"
     ok = [r for r in _rows(out) if r["status"] == "success"]
     assert len(ok) == 6 and all(len(r["synthetic_captions"]) == 1 and r["synthetic_captions"][0] for r in ok)

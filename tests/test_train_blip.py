@@ -11,7 +11,7 @@ from capfilt.config import load_preset
 from capfilt.train.blip import BlipCollator, itc_loss, itm_pairs
 from capfilt.train.config import load_recipe
 from capfilt.train.loop import train
-from capfilt.train.task import build_task
+from capfilt.train.builders import build_task
 from tests.train_helpers import COCO, frequent_word_rate, loss_trend, make_shards, one_torch_thread  # noqa: F401 (autouse fixture)
 
 COCO_JSON = str(COCO / "captions_val2017.json")

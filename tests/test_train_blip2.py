@@ -8,7 +8,7 @@ import torch
 from capfilt.train.blip2 import Blip2LmCollator, itg_allowed, self_attention_mask
 from capfilt.train.config import load_recipe
 from capfilt.train.loop import train
-from capfilt.train.task import build_task
+from capfilt.train.builders import build_task
 from tests.train_helpers import loss_trend, make_shards, one_torch_thread  # noqa: F401 (autouse fixture)
 
 

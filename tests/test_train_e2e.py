@@ -38,7 +38,7 @@ def test_trained_captioner_is_used_by_capfilt_run(tmp_path):
                                  models=str(preset_path), overrides=overrides, progress=False))
         untrained = run(RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "out_tiny"),
                                    models="tiny", overrides=overrides, progress=False))
-    assert trained.record["models"]["captioner"]["id"] == preset.captioner.id
+    assert trained.record.models["captioner"]["id"] == preset.captioner.id
     a, b = _captions(tmp_path / "out_trained"), _captions(tmp_path / "out_tiny")
     assert sorted(a) == sorted(b) and len(a) == 8
     assert all(len(c) == 1 and c[0].strip() for c in a.values())

@@ -6,7 +6,7 @@ import pytest
 
 from capfilt.train.config import load_recipe
 from capfilt.train.data import CapfiltShards, ImageTransform, StreamingDataset
-from capfilt.train.task import build_task
+from capfilt.train.builders import build_task
 from tests.train_helpers import make_shards, one_torch_thread  # noqa: F401 (autouse fixture)
 
 CASES = [

@@ -53,6 +53,7 @@ from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 from capfilt import schema
+from capfilt.errors import shorten
 from capfilt.io._img2dataset import preload
 
 #: Statuses after which another try could succeed.
@@ -159,19 +160,19 @@ def normalize_url(url: object, allow_file_urls: bool = False) -> str:
             raise FetchFailure(schema.INVALID_URL, f"file:// URL names a remote host {parts.netloc!r}")
         return urlunsplit(("file", "", quote(parts.path, safe=_SAFE_URL_CHARS), "", ""))
     if scheme not in ("http", "https"):
-        shown = _shorten(raw, 40)
+        shown = shorten(raw, 40)
         if not scheme or not parts.netloc and ":" not in raw:
             raise FetchFailure(schema.INVALID_URL, f"not a URL: {shown!r}")
         raise FetchFailure(schema.INVALID_URL, f"unsupported scheme {scheme!r} (only http/https)")
     if not parts.netloc:
-        raise FetchFailure(schema.INVALID_URL, f"URL has no host: {_shorten(raw, 40)!r}")
+        raise FetchFailure(schema.INVALID_URL, f"URL has no host: {shorten(raw, 40)!r}")
     try:
         host = parts.hostname or ""
         port = parts.port
     except ValueError as e:
         raise FetchFailure(schema.INVALID_URL, f"malformed host or port ({e})") from None
     if not host:
-        raise FetchFailure(schema.INVALID_URL, f"URL has no host: {_shorten(raw, 40)!r}")
+        raise FetchFailure(schema.INVALID_URL, f"URL has no host: {shorten(raw, 40)!r}")
     host = _encode_host(host)
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:
@@ -199,12 +200,8 @@ def _encode_host(host: str) -> str:
         except UnicodeError:
             raise FetchFailure(schema.INVALID_URL, f"invalid host name {host!r}") from None
     if not all(c.isalnum() or c in "-._" for c in ascii_host):
-        raise FetchFailure(schema.INVALID_URL, f"invalid host name {_shorten(host, 40)!r}")
+        raise FetchFailure(schema.INVALID_URL, f"invalid host name {shorten(host, 40)!r}")
     return ascii_host.lower()
-
-
-def _shorten(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +392,7 @@ def _fetch_once(url: str, cfg, allow_private: bool) -> tuple[bytes, str | None, 
         except FetchFailure as f:
             raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"bad redirect target ({f.message})") from None
         if target in seen:
-            raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"redirect loop ({_shorten(target, 80)})")
+            raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"redirect loop ({shorten(target, 80)})")
         seen.add(target)
         current = target
     raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"more than {cfg.max_redirects} redirects")
@@ -468,7 +465,7 @@ def _request(url: str, cfg, allow_private: bool, deadline: float):
                                transient=code in _TRANSIENT_HTTP)
         optout = is_opted_out(resp.headers, cfg.user_agent_token, cfg.disallowed_header_directives)
         if optout is not None:
-            raise FetchFailure(schema.OPTED_OUT, f"X-Robots-Tag: {_shorten(optout, 80)}")
+            raise FetchFailure(schema.OPTED_OUT, f"X-Robots-Tag: {shorten(optout, 80)}")
         length = resp.headers.get("Content-Length")
         if length is not None and length.strip().isdigit() and int(length) > cfg.max_bytes:
             raise FetchFailure(schema.TOO_LARGE, f"body is {int(length):,} bytes, over the limit of {cfg.max_bytes:,}")
@@ -570,13 +567,13 @@ def _transport_failure(e: Exception, watchdog: _Watchdog, timeout: float) -> Fet
     from urllib3.util.ssl_match_hostname import CertificateError
 
     if isinstance(root, (ssl.SSLError, ssl.CertificateError, CertificateError)):
-        return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"TLS error: {_shorten(_oserror_text(root), 100)}")
+        return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"TLS error: {shorten(_oserror_text(root), 100)}")
     if isinstance(root, ConnectionRefusedError):
         return FetchFailure(schema.FAILED_TO_DOWNLOAD, "connection refused", transient=True)
     if isinstance(root, (ConnectionError, ProtocolError, OSError, NewConnectionError)):
-        return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"connection error: {_shorten(_oserror_text(root), 100)}",
+        return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"connection error: {shorten(_oserror_text(root), 100)}",
                             transient=True)
-    return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"{type(root).__name__}: {_shorten(str(root), 100)}")
+    return FetchFailure(schema.FAILED_TO_DOWNLOAD, f"{type(root).__name__}: {shorten(str(root), 100)}")
 
 
 def _oserror_text(e: BaseException) -> str:

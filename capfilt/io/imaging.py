@@ -51,6 +51,7 @@ import warnings
 from dataclasses import dataclass
 
 from capfilt import schema
+from capfilt.errors import shorten
 
 # Serialises Image.open (the only step that can emit DecompressionBombWarning) while the warning
 # is turned into an error: warnings.catch_warnings is process-global, not thread-local.
@@ -236,7 +237,7 @@ def _short_error(e: BaseException) -> str:
     text = str(e) or type(e).__name__
     if "cannot identify image file" in text:
         return "unrecognised or corrupt data"
-    return text if len(text) <= 100 else text[:99] + "…"
+    return shorten(text, 100)
 
 
 def check_geometry(width: int, height: int, min_image_size: int, max_aspect_ratio: float) -> None:

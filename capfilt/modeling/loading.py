@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from capfilt.config import ModelPreset, ModelSpec
-from capfilt.errors import ModelLoadError
+from capfilt.errors import ModelLoadError, one_line, shorten
 
 #: Weight files ``from_pretrained`` accepts, in the order transformers looks for them.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -130,9 +130,7 @@ def resolve_device_dtype(spec: ModelSpec) -> tuple[Any, Any]:
 
 
 def _load_error(spec: ModelSpec, what: str, err: BaseException) -> ModelLoadError:
-    detail = " ".join(str(err).split()).rstrip(".")
-    if len(detail) > 300:
-        detail = detail[:297] + "..."
+    detail = shorten(one_line(err).rstrip("."), 300, "...")
     rev = f" (revision {spec.revision})" if spec.revision else ""
     return ModelLoadError(f"cannot load the {what} of model {spec.id!r}{rev}: {type(err).__name__}: {detail}. "
                           + how_to_provide(spec.id))
@@ -229,7 +227,7 @@ def _check_available(spec: ModelSpec, preset: ModelPreset, role: str) -> None:
     try:
         HfApi().model_info(spec.id, revision=spec.revision, timeout=HUB_PROBE_TIMEOUT)
     except Exception as e:  # no network, DNS failure, 404, gated repo, invalid id
-        detail = " ".join(str(e).split())[:200].rstrip(".")
+        detail = shorten(one_line(e), 200, "").rstrip(".")
         raise ModelLoadError(f"the {role} model {spec.id!r}{rev} is not in the Hugging Face cache and the Hub "
                              f"cannot be reached or does not have it ({type(e).__name__}: {detail}). "
                              + how_to_provide(spec.id)) from None

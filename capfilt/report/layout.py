@@ -9,7 +9,6 @@ when a run was interrupted. Everything here reads defensively and reports proble
 
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from capfilt.errors import OutputError
+from capfilt.io import run_record
 from capfilt.io.filesystem import Location
 
 #: Keys ``run.json`` is expected to hold (DESIGN.md "The output contract").
@@ -80,25 +80,17 @@ def find_shards(out: Location) -> list[ShardFile]:
 
 
 def read_run_record(out: Location) -> tuple[dict[str, Any] | None, list[str]]:
-    """Read ``OUT/_capfilt/run.json`` defensively.
+    """Read ``OUT/_capfilt/run.json`` defensively (:func:`capfilt.io.run_record.read_run_record`).
 
     Returns:
-        ``(record or None, problems)``: problems are readable sentences (file missing, not JSON,
-        expected keys missing); the report shows them instead of failing.
+        ``(record as its JSON object or None, problems)``: problems are readable sentences (file
+        missing, not JSON, expected keys missing); the report shows them instead of failing.
     """
-    loc = out.join("_capfilt", "run.json")
-    if not loc.exists():
-        return None, [f"run record {loc.uri} is missing: the run may have been interrupted before it "
-                      f"was written (config, models, timings and throughput are unknown)"]
-    try:
-        with loc.fs.open_input_stream(loc.path) as f:
-            record = json.loads(f.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, [f"run record {loc.uri} cannot be read ({e}); config, models and timings are unknown"]
-    if not isinstance(record, dict):
-        return None, [f"run record {loc.uri} is not a JSON object; config, models and timings are unknown"]
+    rec, problems = run_record.read_run_record(out)
+    if rec is None:
+        return None, problems
+    record = rec.to_json()
     missing = missing_keys(record)
-    problems = []
     if missing:
         problems.append(f"run record lacks {', '.join(missing)} (the run may have been interrupted "
                         f"before it finished)")

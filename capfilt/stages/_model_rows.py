@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from capfilt.modeling.batching import chunks, is_oom
+from capfilt.errors import one_line, shorten
 from capfilt.schema import SUCCESS
 from capfilt.stages.base import column_or_nulls, set_column
 
@@ -50,8 +51,7 @@ def decode_image(data: bytes | None) -> Any:
 
 def short_error(err: BaseException) -> str:
     """``"TypeName: message"`` on one line, at most :data:`MAX_ERROR_CHARS` characters."""
-    text = f"{type(err).__name__}: {' '.join(str(err).split())}"
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
+    return shorten(f"{type(err).__name__}: {one_line(err)}", MAX_ERROR_CHARS, "...")
 
 
 def row_seed(seed: int, key: str) -> int:

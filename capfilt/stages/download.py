@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from capfilt import schema
 from capfilt.config import DownloadConfig
+from capfilt.errors import shorten
 from capfilt.io.fetch import fetch
 from capfilt.io.imaging import ImageProcessor, ImageResult
 from capfilt.stages.base import Stage, column_or_nulls, set_column, set_field
@@ -115,4 +116,5 @@ class DownloadStage(Stage):
         try:
             return self.process_url(url)
         except Exception as e:  # noqa: BLE001 - a bug on one row must not lose the batch
-            return ImageResult(schema.FAILED_TO_DOWNLOAD, f"internal error: {type(e).__name__}: {e}"[:200])
+            message = shorten(f"internal error: {type(e).__name__}: {e}", 200, "")
+            return ImageResult(schema.FAILED_TO_DOWNLOAD, message)

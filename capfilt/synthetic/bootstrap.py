@@ -193,8 +193,11 @@ class Experiment:
         from capfilt.api import RunOptions, run
         from capfilt.demo import serve
 
-        if (out / "_capfilt" / "run.json").is_file() and json.loads((out / "_capfilt" / "run.json").read_text()
-                                                                  ).get("state") == "complete":
+        from capfilt.io.filesystem import locate
+        from capfilt.io.run_record import read_run_record
+
+        previous, _ = read_run_record(locate(str(out)))
+        if previous is not None and previous.status == "complete":
             return out
         httpd, base = serve(web)
         try:

@@ -1,4 +1,4 @@
-"""COCO-format caption data (``captions_*.json`` + image folder) as a training :class:`~capfilt.train.data.RowSource`.
+"""COCO-format caption data (``captions_*.json`` + image folder) as a training :class:`~capfilt.train.records.RowSource`.
 
 CapFilt's captioner and filter are BLIP models finetuned on COCO (BLIP §3.3): the captioner with
 the LM loss, the filter with ITC + ITM. The ``caption-coco`` / ``itm-coco`` recipes read COCO
@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 
 from capfilt.errors import InputError
 from capfilt.io.filesystem import locate
-from capfilt.train.data import Record, read_json
+from capfilt.train.records import Record, read_json
 
 
 class CocoCaptions:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from capfilt.config import ConfigError, _format_validation, _load_yaml, apply_overrides, bundled_dir
+from capfilt.config import ConfigError, Strict, apply_overrides, bundled_dir, load_yaml, validate
 
 Task = Literal["blip", "blip2", "caption", "itm"]
 Objective = Literal["itc", "itm", "lm", "itg"]
@@ -33,11 +33,7 @@ DEFAULT_RECIPES: dict[str, str] = {"blip": "blip-base-pretrain", "blip2": "blip2
                                    "caption": "caption-coco", "itm": "itm-coco"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TrainModelConfig(_Strict):
+class TrainModelConfig(Strict):
     """Starting checkpoints (Hub ids or local ``save_pretrained`` folders).
 
     Attributes:
@@ -77,7 +73,7 @@ class TrainModelConfig(_Strict):
     config_overrides: dict[str, Any] = {}
 
 
-class LossConfig(_Strict):
+class LossConfig(Strict):
     """Objective settings (BLIP §3.2 / BLIP-2 §3.2; values of the official code as defaults).
 
     Attributes:
@@ -96,7 +92,7 @@ class LossConfig(_Strict):
     weights: dict[Objective, float] = {}
 
 
-class TrainDataConfig(_Strict):
+class TrainDataConfig(Strict):
     """How training samples are read (see :mod:`capfilt.train.data`).
 
     Attributes:
@@ -125,7 +121,7 @@ class TrainDataConfig(_Strict):
     prompt: str = ""
 
 
-class OptimConfig(_Strict):
+class OptimConfig(Strict):
     """AdamW with a cosine schedule after linear warm-up (``transformers.get_cosine_schedule_with_warmup``).
 
     Parameters with fewer than 2 dimensions (biases, LayerNorm weights, the ITC temperature) get
@@ -141,7 +137,7 @@ class OptimConfig(_Strict):
     max_grad_norm: float | None = Field(None, gt=0)
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     """Length, batch, precision, logging and checkpointing of a run.
 
     Attributes:
@@ -172,7 +168,7 @@ class RunConfig(_Strict):
     cpu_threads: int | None = Field(None, ge=1)
 
 
-class TrainRecipe(_Strict):
+class TrainRecipe(Strict):
     """A training recipe (``models/train/NAME.yaml``).
 
     ``preset``: a model preset (``models/NAME.yaml``) whose other models complete the
@@ -268,8 +264,5 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None 
         ConfigError: unknown recipe, invalid YAML, unknown keys or invalid values (each listed).
     """
     path = resolve_recipe_path(name_or_path)
-    data = apply_overrides(_load_yaml(path), overrides or [])
-    try:
-        return TrainRecipe.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation(e, f"training recipe {path}")) from None
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return validate(TrainRecipe, data, f"training recipe {path}")

@@ -31,15 +31,13 @@ cannot be decoded are skipped and counted (``skipped`` in :attr:`StreamingDatase
 from __future__ import annotations
 
 import io
-import json
 import logging
 import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,49 +48,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from capfilt.errors import InputError
-from capfilt.io.filesystem import Location, locate
+from capfilt.io.filesystem import locate
+from capfilt.train.records import Record, RowSource, read_json  # noqa: F401 - Record, read_json re-exported
 
 log = logging.getLogger(__name__)
 
 #: Columns of the output contract the trainer reads (DESIGN.md "The output contract").
 REQUIRED_COLUMNS = ("key", "image", "captions", "keep")
-
-
-@dataclass(frozen=True)
-class Record:
-    """One usable row of a source.
-
-    Attributes:
-        key: unique row key (capfilt ``key``; COCO ``"<image_id>/<annotation_id>"``).
-        image: encoded image bytes (JPEG/PNG/WebP), or ``None`` if the row has none.
-        texts: candidate texts, best first (capfilt ``captions``; COCO: the one annotation).
-        group: int64 id of the image; rows with the same group are positives of each other in
-            ITC and never ITM negatives (COCO: ``image_id``; capfilt: the row's dataset index).
-    """
-
-    key: str
-    image: bytes | None
-    texts: list[str]
-    group: int
-
-
-class RowSource(Protocol):
-    """What :class:`StreamingDataset` reads. Implementations must be picklable (DataLoader workers).
-
-    ``kept_rows(u)`` must be cheap (no image I/O) and identical in every process.
-    """
-
-    def num_units(self) -> int:
-        """Number of read units."""
-
-    def kept_rows(self, unit: int) -> np.ndarray:
-        """Row indices (int64, ascending) of the usable rows of ``unit``."""
-
-    def read(self, unit: int, rows: Sequence[int]) -> dict[int, Record]:
-        """The records of ``rows`` of ``unit`` (one read of the unit), keyed by row index."""
-
-    def describe(self) -> str:
-        """One line for logs: where the data is and how much."""
 
 
 class SampleError(Exception):
@@ -566,16 +528,3 @@ def open_source(data: str | Sequence[str], fmt: str = "auto", images: str | None
 
         return CocoCaptions(data, images=images, rows_per_unit=rows_per_unit)
     return CapfiltShards(data)
-
-
-def read_json(loc: Location) -> Any:
-    """Parse a JSON file at ``loc``.
-
-    Raises:
-        InputError: missing or not JSON.
-    """
-    try:
-        with loc.fs.open_input_stream(loc.path) as f:
-            return json.loads(f.read())
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read JSON {loc.uri}: {e}") from None

@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader
 from capfilt.config import ConfigError
 from capfilt.train.config import TrainRecipe
 from capfilt.train.data import ImageTransform, StreamingDataset, open_source
-from capfilt.train.task import TrainTask, build_task
+from capfilt.train.builders import build_task
+from capfilt.train.task import TrainTask
 
 log = logging.getLogger(__name__)
 

@@ -211,20 +211,3 @@ class TrainTask(nn.Module):
             with torch.no_grad():
                 for k, t in want.items():
                     t.copy_(sd[k])
-
-
-def build_task(recipe: Any) -> TrainTask:
-    """Build the task of a :class:`~capfilt.train.config.TrainRecipe` (weights seeded with ``train.seed``).
-
-    Raises:
-        ModelLoadError: a checkpoint cannot be loaded.
-        ConfigError: checkpoints that cannot be combined (e.g. captioner and filter of different sizes).
-    """
-    torch.manual_seed(recipe.train.seed)
-    if recipe.task == "blip2":
-        from capfilt.train.blip2 import build_blip2_task
-
-        return build_blip2_task(recipe)
-    from capfilt.train.blip import build_blip_task
-
-    return build_blip_task(recipe)
