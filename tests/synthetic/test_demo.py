@@ -34,7 +34,7 @@ def test_every_row_once_with_its_label(demo):
     assert set(t.column("status").to_pylist()) == {"success"}
     assert res.totals["rows"] == 120
     meta = json.loads((out / "_capfilt" / "run.json").read_text())
-    assert meta["state"] == "complete"
+    assert meta["status"] == "complete"
 
 
 def test_filter_drops_noise_and_captioner_is_right(demo):
