@@ -59,9 +59,10 @@ class Size:
 
 #: The sizes: ``default`` is the measured experiment (benchmarks/RESULTS.md), ``quick`` the test suite's.
 SIZES = {
-    "default": Size(web=4000, human=1500, test=400, pretrain_steps=900, caption_steps=300, filter_steps=400),
-    "quick": Size(web=600, human=400, test=150, pretrain_steps=120, caption_steps=60, filter_steps=60,
-                  eval_captions=100),
+    "default": Size(web=4000, human=1500, test=400, pretrain_steps=500, caption_steps=300, filter_steps=400,
+                    batch_size=48),
+    "quick": Size(web=500, human=400, test=150, pretrain_steps=100, caption_steps=60, filter_steps=80,
+                  batch_size=32, eval_captions=100),
 }
 
 

@@ -69,7 +69,8 @@ class Obj:
         shape: a key of :data:`SHAPES`.
         size: radius in pixels (of :data:`IMAGE_SIZE`), float.
         x, y: centre in pixels, float.
-        angle: rotation in degrees (ignored for circles).
+        angle: rotation in degrees (any for circles and stars, within +-20 of upright for squares
+            and triangles).
     """
 
     color: str
@@ -116,18 +117,20 @@ def sample_scene(rng: np.random.Generator) -> Scene:
         else:  # no room: start again
             objs = []
             continue
-        objs.append(Obj(colors[int(rng.integers(len(colors)))], shapes[int(rng.integers(len(shapes)))],
-                        r, x, y, float(rng.uniform(0, 360))))
+        shape = shapes[int(rng.integers(len(shapes)))]
+        # squares and triangles stand roughly upright (+-20 deg), so a square never becomes a diamond
+        angle = float(rng.uniform(0, 360)) if shape in ("circle", "star") else float(rng.uniform(-20, 20))
+        objs.append(Obj(colors[int(rng.integers(len(colors)))], shape, r, x, y, angle))
     return Scene(tuple(objs), int(rng.integers(len(BACKGROUNDS))), bool(rng.random() < 0.5))
 
 
 def _polygon(shape: str, x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
     a0 = math.radians(angle)
     if shape == "square":
-        pts = [(r * 0.85, a0 + math.pi / 4 + k * math.pi / 2) for k in range(4)]
+        pts = [(r * 0.85, a0 + math.pi / 4 + k * math.pi / 2) for k in range(4)]  # axis-aligned at angle 0
         pts = [(rad * math.sqrt(2), a) for rad, a in pts]
-    elif shape == "triangle":
-        pts = [(r * 1.1, a0 + k * 2 * math.pi / 3) for k in range(3)]
+    elif shape == "triangle":  # apex up at angle 0
+        pts = [(r * 1.1, a0 - math.pi / 2 + k * 2 * math.pi / 3) for k in range(3)]
     else:  # star: 5 points, inner radius 0.45
         pts = [(r * (1.15 if k % 2 == 0 else 0.5), a0 + k * math.pi / 5) for k in range(10)]
     return [(x + rad * math.cos(a), y + rad * math.sin(a)) for rad, a in pts]
