@@ -188,6 +188,7 @@ def _print_shapes_summary(output: Path, result, console: Console, n: int = 8) ->
     cols = ["noise_type", "caption", "web_itm", "synthetic_captions", "synthetic_itm", "objects", "status"]
     rows = [r for r in ds.dataset(str(output), format="parquet").to_table(columns=cols).to_pylist()
             if r["status"] == "success"]
+    _print_label_suggestion(output, rows, threshold, console)
     picked, seen = [], set()
     for r in rows:  # one row per noise type first, then the rest
         if r["noise_type"] not in seen:
@@ -205,6 +206,30 @@ def _print_shapes_summary(output: Path, result, console: Console, n: int = 8) ->
                       "yes" if itm is not None and itm >= threshold else "no", syn,
                       "yes" if caption_correct(syn, content) else "no")
     console.print(table)
+
+
+def _print_label_suggestion(output: Path, rows: list[dict], threshold: float, console: Console) -> None:
+    """The threshold the labels suggest (best F1 of removing noisy captions; ``capfilt report
+    --label-col`` computes the same), what it would keep, and the model-free command that applies it."""
+    import numpy as np
+
+    from capfilt.report.labels import suggest_thresholds
+    from capfilt.synthetic.evaluate import filter_report
+
+    scored = [r for r in rows if r["web_itm"] is not None]
+    if not scored:
+        return
+    scores = np.array([r["web_itm"] for r in scored], dtype=np.float32)
+    labels = [r["noise_type"] for r in scored]
+    best, _ = suggest_thresholds(scores, np.array([t != "clean" for t in labels]))
+    if best is None or abs(best - threshold) < 0.02:
+        return
+    f = filter_report(scores >= best, labels)
+    removed = ", ".join(f"{k} {v:.0%}" for k, v in f["recall"].items())
+    console.print(f"the labels suggest ITM >= {best:.2f} (best F1 of removing noisy captions): it would keep "
+                  f"{f['clean_keep_rate']:.0%} of clean captions and remove {removed}. Apply it without any model: "
+                  f"capfilt run --pipeline refilter --input {output} --output {output}-refiltered "
+                  f"--itm-threshold {best:.2f}")
 
 
 def _print_samples(output: Path, console: Console, n: int = 4, noise: bool = False) -> None:
