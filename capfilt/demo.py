@@ -112,26 +112,22 @@ def run_demo(output: Path, models: str | None = None, pipeline: str = "blip", ov
     console = console or Console()
     tmp = Path(tempfile.mkdtemp(prefix="capfilt-demo-"))
     try:
-        if world == "shapes":
-            from capfilt.synthetic.splits import write_split
+        shapes = world == "shapes"
+        if shapes:
+            from capfilt.synthetic.splits import write_served_meta, write_split
 
             write_split(tmp / "web", "web", rows, SHAPES_DEMO_SEED)
-            serve_dir, meta = tmp / "web", pq.read_table(tmp / "web" / "meta.parquet")
-        else:
-            serve_dir, meta = DEMO_DIR, None
-        httpd, base = serve(serve_dir)
+        httpd, base = serve(tmp / "web" if shapes else DEMO_DIR)
         try:
-            if meta is not None:
-                inp = tmp / "demo.parquet"
-                pq.write_table(meta.set_column(0, "url", pa.array([f"{base}/{u}" for u in meta.column("url").to_pylist()])),
-                               inp)
+            if shapes:
+                inp = write_served_meta(tmp / "web", base, tmp / "demo.parquet")
                 console.print(f"serving {rows} shapes-world web pairs from {base} (toy world, labelled noise)")
             else:
                 inp = write_demo_input(tmp / "demo.parquet", base)
                 console.print(f"serving {len(DEMO_ROWS)} demo rows from {base} (bundled CC0/public-domain photos)")
             result = run(RunOptions(inputs=[str(inp)], output=str(output), pipeline=pipeline, models=models,
                                     overrides=["download.allow_private_network=true",
-                                               f"output.rows_per_shard={100 if meta is not None else 4}",
+                                               f"output.rows_per_shard={100 if shapes else 4}",
                                                "download.timeout=5"],
                                     overwrite=overwrite, progress=progress))
         finally:

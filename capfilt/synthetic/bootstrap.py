@@ -27,7 +27,6 @@ import json
 import shutil
 import statistics
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -189,23 +188,18 @@ class Experiment:
 
     def _capfilt(self, web: Path, out: Path, preset: Path) -> Path:
         """Serve the web split on 127.0.0.1 and run the blip recipe on it; returns the output folder."""
-        import pyarrow.parquet as pq
-
         from capfilt.api import RunOptions, run
         from capfilt.demo import serve
-
         from capfilt.io.filesystem import locate
         from capfilt.io.run_record import read_run_record
+        from capfilt.synthetic.splits import write_served_meta
 
         previous, _ = read_run_record(locate(str(out)))
         if previous is not None and previous.status == "complete":
             return out
         httpd, base = serve(web)
         try:
-            meta = pq.read_table(web / "meta.parquet")
-            urls = [f"{base}/{u}" for u in meta.column("url").to_pylist()]
-            inp = web.parent / "web-served.parquet"
-            pq.write_table(meta.set_column(0, "url", __import__("pyarrow").array(urls)), inp)
+            inp = write_served_meta(web, base, web.parent / "web-served.parquet")
             run(RunOptions(inputs=[str(inp)], output=str(out), pipeline="blip", models=str(preset),
                            overrides=["download.allow_private_network=true", f"select.itm_threshold={self.threshold}",
                                       "output.rows_per_shard=1000"],
@@ -341,7 +335,7 @@ def markdown(results: dict[str, Any]) -> str:
         scale = 100 if pct else 1
         return f"{s['mean'] * scale:.1f} ± {s['sd'] * scale:.1f}"
 
-    lines = [f"# CapFilt bootstrap in the shapes world (toy world, not real data)", "",
+    lines = ["# CapFilt bootstrap in the shapes world (toy world, not real data)", "",
              f"seeds {results['seeds']}, ITM threshold {results['threshold']}, wall {results['wall_s']:.0f} s; "
              f"sizes {results['size']}", "",
              "## Filter on the web split (mean ± sd over seeds, %)", "",

@@ -157,3 +157,16 @@ def write_split(output: str | Path, split: str, n: int, seed: int = 0, noise_rat
                                                                             f"seed {seed}"},
                                                    "images": coco_images, "annotations": coco_ann}))
     return out / "meta.parquet"
+
+
+def write_served_meta(folder: str | Path, base_url: str, dest: str | Path) -> Path:
+    """Copy ``folder/meta.parquet`` to ``dest`` with ``url`` rewritten to ``base_url/<relative url>``
+    (the split served over HTTP, e.g. by :func:`capfilt.demo.serve`, so capfilt's real download path runs).
+
+    Returns:
+        ``dest``.
+    """
+    meta = pq.read_table(Path(folder) / "meta.parquet")
+    urls = [f"{base_url.rstrip('/')}/{u}" for u in meta.column("url").to_pylist()]
+    pq.write_table(meta.set_column(meta.schema.get_field_index("url"), "url", pa.array(urls, pa.string())), dest)
+    return Path(dest)
