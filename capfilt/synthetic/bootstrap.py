@@ -60,7 +60,7 @@ class Size:
 SIZES = {
     "default": Size(web=4000, human=1500, test=400, pretrain_steps=500, caption_steps=300, filter_steps=400,
                     batch_size=48),
-    "quick": Size(web=500, human=400, test=150, pretrain_steps=150, caption_steps=60, filter_steps=200,
+    "quick": Size(web=500, human=400, test=150, pretrain_steps=120, caption_steps=60, filter_steps=180,
                   batch_size=32, eval_captions=100),
 }
 

@@ -59,8 +59,8 @@ def test_quick_floors(quick):
     for kind, score in zip(t.column("noise_type").to_pylist(), t.column("web_itm").to_pylist()):
         by.setdefault(kind, []).append(score)
     mean = {k: sum(v) / len(v) for k, v in by.items()}
-    assert mean["clean"] > mean["junk"] + 0.03, mean
-    assert mean["clean"] > mean["unrelated"] + 0.02, mean
+    assert mean["clean"] > mean["junk"] + 0.1, mean
+    assert mean["clean"] > mean["unrelated"] + 0.1, mean
     f = r["per_seed"]["0"]["filter"]
     assert set(f["recall"]) >= {"unrelated", "junk", "wrong_attribute"} and f["counts"]["clean"] > 200
 
