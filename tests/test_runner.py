@@ -19,11 +19,11 @@ class _Strategy:
 
 
 class ActorPool(_Strategy):
-    pass
+    """Records the arguments of ``ray.data.ActorPoolStrategy`` (the test compares them)."""
 
 
 class TaskPool(_Strategy):
-    pass
+    """Records the arguments of ``ray.data.TaskPoolStrategy``."""
 
 
 class FakeDataset:

@@ -117,6 +117,7 @@ class Experiment:
         timings: dict[str, float] = {}
 
         def step(name: str, fn: Callable[[], Any]) -> Any:
+            """Run one step ``fn``, echo its start and end, record its wall time (s) in ``timings``."""
             t = time.perf_counter()
             self.echo(f"seed {seed}: {name} ...")
             res = fn()
@@ -294,6 +295,7 @@ def summarize(per_seed: dict[str, dict[str, Any]], size: Size, threshold: float,
     flat: dict[str, list[float]] = {}
 
     def add(key: str, v: float | None) -> None:
+        """Append ``v`` to the per-seed list of ``key`` (``None`` and NaN skipped)."""
         if v is not None and v == v:
             flat.setdefault(key, []).append(float(v))
 
@@ -329,6 +331,7 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["metrics"]
 
     def f(key: str, pct: bool = True) -> str:
+        """``mean ± sd`` of metric ``key`` over seeds (x100 when ``pct``), ``-`` if absent."""
         s = m.get(key)
         if s is None:
             return "-"

@@ -107,6 +107,7 @@ def retrieval(scorer: Any, images: Sequence[Image.Image], texts: Sequence[str], 
         sim = img_feat @ txt_feat.t()  # (N images, N texts)
 
         def itm(img_idx: list[int], txt_idx: list[int]) -> np.ndarray:
+            """ITM match probabilities, float32 ``(P,)``, of the ``P`` pairs (image_idx[p], txt_idx[p])."""
             ids, mask = scorer.tokenize([texts[j] for j in txt_idx])
             enc = image_embeds[img_idx]
             out = model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=enc,
@@ -114,6 +115,8 @@ def retrieval(scorer: Any, images: Sequence[Image.Image], texts: Sequence[str], 
             return torch.softmax(model.itm_head(out[:, 0, :]).float(), dim=-1)[:, 1].numpy()
 
         def best(row: torch.Tensor, query: int, image_query: bool) -> tuple[int, int]:
+            """``(ITM-reranked top-1, ITC top-1)`` candidate index for one query; ``row``: float ``(N,)``
+            ITC similarities of the query to every candidate."""
             top_itc = int(row.argmax())
             if k <= 0:
                 return top_itc, top_itc

@@ -233,6 +233,7 @@ def attribute_scores(text: str, content: Counter) -> dict[str, bool]:
     got = parse_caption(text)
 
     def by(i: int, c: Counter) -> Counter:
+        """Multiset of attribute ``i`` (0 colour, 1 shape) of the ``(colour, shape)`` multiset ``c``."""
         out: Counter = Counter()
         for k, n in c.items():
             out[k[i]] += n

@@ -426,6 +426,7 @@ def match_groups(groups: Sequence[int], texts: Sequence[str]) -> list[int]:
     parent = list(range(len(groups)))
 
     def find(i: int) -> int:
+        """Union-find root of sample ``i`` (with path halving)."""
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
