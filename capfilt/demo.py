@@ -180,7 +180,7 @@ def _print_shapes_summary(output: Path, result, console: Console, n: int = 8) ->
                   f"{f['precision']:.0%}")
     console.print(f"synthetic captions exactly right: {s['exact']:.0%} of {s['n']} "
                   f"(colours {s['colors']:.0%}, shapes {s['shapes']:.0%}, counts {s['count']:.0%}); "
-                  f"of those the filter kept: {sk['exact']:.0%} of {sk['n']}")
+                  f"of the {sk['n']} synthetic captions the filter kept, {sk['exact']:.0%} are exactly right")
     cols = ["noise_type", "caption", "web_itm", "synthetic_captions", "synthetic_itm", "objects", "status"]
     rows = [r for r in ds.dataset(str(output), format="parquet").to_table(columns=cols).to_pylist()
             if r["status"] == "success"]
