@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Debian's Chromium and its WebDriver for the HTML-report browser test
-# (tests/test_report_browser.py drives /usr/bin/chromium through Selenium with /usr/bin/chromedriver).
+# (tests/report/test_browser.py drives /usr/bin/chromium through Selenium with /usr/bin/chromedriver).
 # Nothing is downloaded at test time: Selenium Manager is told to stay offline.
 set -euo pipefail
 if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then

@@ -2,7 +2,7 @@
 
 Builds a contract-conforming output (every row its own JPEG: a random crop of a real COCO val2017
 photo at 384 px, so Parquet cannot dedup them; real COCO captions; seeded scores; see
-tests/report_fixture.py), then runs, each in a fresh process:
+tests/helpers/report_fixture.py), then runs, each in a fresh process:
   A. ``capfilt report OUT`` (what users run: streams shards, reads images only for sampled rows);
   B. the naive first step of any report that loads everything: ``pyarrow.parquet.read_table`` of
      all shards with every column, for scale.
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
 
-    from tests.report_fixture import make_output
+    from tests.helpers.report_fixture import make_output
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="capfilt-bench-report-"))
     out = work / f"out-{args.recipe}-{args.rows}"

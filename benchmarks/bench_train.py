@@ -77,7 +77,7 @@ def main() -> None:
     """Run the trainer benchmarks and print their ratios."""
     import torch
 
-    from tests.train_helpers import make_shards
+    from tests.helpers.train import make_shards
 
     default_threads = torch.get_num_threads()
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

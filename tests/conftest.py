@@ -31,8 +31,8 @@ def fixtures() -> Path:
 
 @pytest.fixture()
 def image_server():
-    """A real HTTP server on 127.0.0.1 serving tests/fixtures (see tests/httpserver.py)."""
-    from tests.httpserver import ImageServer
+    """A real HTTP server on 127.0.0.1 serving tests/fixtures (see tests/helpers/httpserver.py)."""
+    from tests.helpers.httpserver import ImageServer
 
     with ImageServer(root=FIXTURES) as srv:
         yield srv

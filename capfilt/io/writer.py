@@ -24,6 +24,7 @@ when it completes. Retried Ray tasks rewrite the same part names, so a retry nev
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import uuid
 from dataclasses import dataclass
@@ -100,6 +101,71 @@ def commit_part(out: Location, name: str, table: pa.Table, stats: dict, compress
     write_bytes(out.join(STATS_DIR, name + STATS_SUFFIX), json.dumps(stats, indent=1).encode())
 
 
+@dataclass(frozen=True)
+class ShardListing:
+    """A Parquet file found in an output folder by :func:`list_shards`.
+
+    Attributes:
+        name: path relative to the output folder (``00012.parquet``, ``sub/part-0.parquet``).
+        path: filesystem path of the Parquet file.
+        size: bytes.
+        stats_path: filesystem path of its stats file, or ``None`` when it has none (an
+            uncommitted part).
+    """
+
+    name: str
+    path: str
+    size: int
+    stats_path: str | None
+
+
+def stats_candidates(out_path: str, rel: str) -> tuple[str, ...]:
+    """Where the stats file of shard ``rel`` (relative to the output folder) may be.
+
+    ``OUT/_stats/<stem>.stats.json`` (this writer), or beside the shard as
+    ``<stem>.stats.json`` / ``<name>.stats.json`` (img2dataset-style layouts).
+    """
+    stem = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
+    return (posixpath.join(out_path, STATS_DIR, stem + STATS_SUFFIX),
+            posixpath.join(out_path, stem + STATS_SUFFIX),
+            posixpath.join(out_path, rel + STATS_SUFFIX))
+
+
+def _files(loc: Location, recursive: bool) -> dict[str, int]:
+    """Files under ``loc``: filesystem path -> size in bytes (empty if ``loc`` does not exist)."""
+    if not loc.exists():
+        return {}
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=recursive))
+    return {i.path: int(i.size or 0) for i in infos if i.type == pafs.FileType.File}
+
+
+def list_shards(out: Location, recursive: bool = False) -> tuple[list[ShardListing], dict[str, int]]:
+    """The one scan of an output folder: its Parquet files and whether each has its stats file.
+
+    Args:
+        out: the output folder.
+        recursive: also look in sub-folders (the report reads img2dataset-style outputs whose
+            shards sit in sub-folders with stats beside them); ``_``- and ``.``-prefixed folders
+            are skipped either way.
+
+    Returns:
+        ``(shards sorted by name, every file seen: path -> size)``.
+    """
+    files = _files(out, recursive)
+    if not recursive:
+        files.update(_files(out.join(STATS_DIR), False))
+    shards = []
+    for path, size in files.items():
+        if not path.endswith(".parquet"):
+            continue
+        rel = posixpath.relpath(path, out.path)
+        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+            continue
+        stats = next((c for c in stats_candidates(out.path, rel) if c in files), None)
+        shards.append(ShardListing(rel, path, size, stats))
+    return sorted(shards, key=lambda s: s.name), files
+
+
 def scan_output(out: Location) -> tuple[list[CommittedPart], list[str]]:
     """Committed parts of an output folder, and leftover files of interrupted writes.
 
@@ -110,38 +176,33 @@ def scan_output(out: Location) -> tuple[list[CommittedPart], list[str]]:
     """
     if not out.exists():
         return [], []
-    def listing(loc: Location) -> dict[str, str]:
-        """Files directly in ``loc``: name -> filesystem path (empty if ``loc`` does not exist)."""
-        if not loc.exists():
-            return {}
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
-        return {i.path.rsplit("/", 1)[-1]: i.path for i in infos if i.type == pafs.FileType.File}
-
-    files, stats_files = listing(out), listing(out.join(STATS_DIR))
+    shards, files = list_shards(out)
     parts, leftovers = [], []
-    for fname, path in sorted(files.items()):
-        if not is_capfilt_file(fname):
+    tops = {posixpath.basename(p) for p in files if posixpath.dirname(p) == out.path}
+    for s in shards:
+        if not is_capfilt_file(s.name):
             continue
-        if fname.endswith(".tmp"):
+        stem = s.name[: -len(".parquet")]
+        expected = out.join(STATS_DIR, stem + STATS_SUFFIX).path
+        if s.stats_path != expected:
+            leftovers.append(s.path)
+            continue
+        with out.fs.open_input_stream(expected) as f:
+            try:
+                stats = json.loads(f.read())
+            except ValueError:
+                leftovers += [s.path, expected]
+                continue
+        parts.append(CommittedPart(stem, s.path, stats))
+    for path in sorted(files):
+        folder, name = posixpath.split(path)
+        if folder == out.path and TMP_RE.match(name):
             leftovers.append(path)
-        elif fname.endswith(".parquet"):
-            stem = fname[: -len(".parquet")]
-            if stem + STATS_SUFFIX in stats_files:
-                with out.fs.open_input_stream(stats_files[stem + STATS_SUFFIX]) as f:
-                    try:
-                        stats = json.loads(f.read())
-                    except ValueError:
-                        leftovers += [path, stats_files[stem + STATS_SUFFIX]]
-                        continue
-                parts.append(CommittedPart(stem, path, stats))
-            else:
-                leftovers.append(path)
-    leftovers += [p for n, p in stats_files.items()
-                  if TMP_RE.match(n) or (n.endswith(STATS_SUFFIX) and n[: -len(STATS_SUFFIX)] + ".parquet" not in files)]
-    tmp = out.join(META_DIR, "tmp")
-    if tmp.exists():
-        leftovers += [i.path for i in out.fs.get_file_info(pafs.FileSelector(tmp.path, recursive=True))
-                      if i.type == pafs.FileType.File]
+        elif folder == out.join(STATS_DIR).path and (
+                TMP_RE.match(name) or (name.endswith(STATS_SUFFIX)
+                                       and name[: -len(STATS_SUFFIX)] + ".parquet" not in tops)):
+            leftovers.append(path)
+    leftovers += sorted(_files(out.join(META_DIR, "tmp"), True))
     return parts, leftovers
 
 

@@ -77,12 +77,36 @@ def how_to_provide(model_id: str) -> str:
             f"`--models PATH.yaml`; or use `--models tiny` for an offline smoke test with random weights.")
 
 
-def resolve_model(spec: ModelSpec, preset: ModelPreset) -> str:
-    """The string to pass to ``from_pretrained`` for ``spec``.
+def resolve_checkpoint(model_id: str, builder: str | None = None, revision: str | None = None) -> ResolvedModel:
+    """Where ``from_pretrained`` finds ``model_id``: the one resolver for pipeline presets and
+    training recipes alike.
 
-    ``builder: tiny`` presets: the folder ``<cache>/tiny-v1/<spec.id>``, built on first use by
-    :func:`capfilt.modeling.tiny.ensure_tiny_checkpoints`. Otherwise ``spec.id`` (a Hub id, or a
-    local directory with ``~`` expanded).
+    Args:
+        model_id: a Hub repo id, a local directory (``~`` expanded; ``./`` and ``../`` are taken as
+            local even when missing, so the error names the folder), or, with ``builder="tiny"``, a
+            name in :data:`capfilt.modeling.tiny.TINY_NAMES`.
+        builder: ``"tiny"``: names of the tiny random checkpoints resolve to
+            ``<cache>/tiny-v1/<name>``, built on first use by
+            :func:`capfilt.modeling.tiny.ensure_tiny_checkpoints`; other ids resolve as usual (a
+            training recipe may start from an earlier stage's folder).
+        revision: the Hub revision; decides whether a cached copy is complete.
+
+    Returns:
+        :class:`ResolvedModel`; ``local_only`` when every file is on disk or ``HF_HUB_OFFLINE`` is set.
+    """
+    if builder == "tiny":
+        from capfilt.modeling.tiny import TINY_NAMES, ensure_tiny_checkpoints
+
+        if model_id in TINY_NAMES:
+            return ResolvedModel(str(ensure_tiny_checkpoints() / model_id), True)
+    if _looks_local(model_id):
+        return ResolvedModel(str(Path(model_id).expanduser()), True)
+    return ResolvedModel(model_id, hub_offline() or _hub_cached(model_id, revision))
+
+
+def resolve_model(spec: ModelSpec, preset: ModelPreset) -> str:
+    """The string to pass to ``from_pretrained`` for ``spec`` of ``preset``
+    (:func:`resolve_checkpoint` with the preset's builder).
 
     Raises:
         ModelLoadError: a tiny preset names a model the tiny builder does not make.
@@ -92,15 +116,12 @@ def resolve_model(spec: ModelSpec, preset: ModelPreset) -> str:
 
 def _resolve(spec: ModelSpec, preset: ModelPreset) -> ResolvedModel:
     if preset.builder == "tiny":
-        from capfilt.modeling.tiny import TINY_NAMES, ensure_tiny_checkpoints
+        from capfilt.modeling.tiny import TINY_NAMES
 
         if spec.id not in TINY_NAMES:
             raise ModelLoadError(f"model preset {preset.name!r} uses the tiny builder, which makes "
                                  f"{', '.join(TINY_NAMES)}; it has no model {spec.id!r}.")
-        return ResolvedModel(str(ensure_tiny_checkpoints() / spec.id), True)
-    if _looks_local(spec.id):
-        return ResolvedModel(str(Path(spec.id).expanduser()), True)
-    return ResolvedModel(spec.id, hub_offline() or _hub_cached(spec.id, spec.revision))
+    return resolve_checkpoint(spec.id, preset.builder, spec.revision)
 
 
 def resolve_device_dtype(spec: ModelSpec) -> tuple[Any, Any]:

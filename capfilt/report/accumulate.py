@@ -1,7 +1,7 @@
 """Streaming accumulators of the report: moments, fixed-bin histograms, text statistics, top-k, sampling.
 
 Each one takes numpy arrays or Python texts batch by batch and gives the same result as a single
-computation over all rows (checked by tests/report_expect.py), in memory bounded by its bins / k,
+computation over all rows (checked by tests/helpers/report_expect.py), in memory bounded by its bins / k,
 except :class:`TextStats` with duplicate tracking, which keeps 8 bytes per caption (a hash).
 """
 

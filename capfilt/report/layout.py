@@ -9,7 +9,6 @@ when a run was interrupted. Everything here reads defensively and reports proble
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import pyarrow.fs as pafs
 from capfilt.errors import OutputError
 from capfilt.io import run_record
 from capfilt.io.filesystem import Location
+from capfilt.io.writer import list_shards
 
 #: Keys ``run.json`` is expected to hold (DESIGN.md "The output contract").
 RUN_KEYS = ("config", "models", "versions", "timings", "totals", "stages")
@@ -33,27 +33,11 @@ class ShardFile:
     complete: bool
 
 
-# Where the writer keeps shard stats (``OUT/_stats/NAME.stats.json``): one definition, the writer's.
-from capfilt.io.writer import STATS_DIR, STATS_SUFFIX  # noqa: E402
-
-
-def stats_candidates(out_path: str, rel: str) -> tuple[str, ...]:
-    """Where the stats file of shard ``rel`` (relative to the output folder) may be.
-
-    ``OUT/_stats/<stem>.stats.json`` (current writer), or beside the shard as
-    ``<stem>.stats.json`` / ``<name>.stats.json`` (img2dataset-style layouts).
-    """
-    stem = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
-    return (posixpath.join(out_path, STATS_DIR, stem + STATS_SUFFIX),
-            posixpath.join(out_path, stem + STATS_SUFFIX),
-            posixpath.join(out_path, rel + STATS_SUFFIX))
-
-
 def find_shards(out: Location) -> list[ShardFile]:
-    """List ``*.parquet`` files under ``out`` (recursively), skipping ``_``/``.``-prefixed parts.
+    """List ``*.parquet`` files under ``out`` (recursively), skipping ``_``/``.``-prefixed parts
+    (:func:`capfilt.io.writer.list_shards`, the one output scanner).
 
-    A shard is ``complete`` when its stats file exists (:func:`stats_candidates`; the writer
-    writes it last).
+    A shard is ``complete`` when its stats file exists (the writer writes it last).
 
     Returns:
         Shards sorted by name.
@@ -65,18 +49,8 @@ def find_shards(out: Location) -> list[ShardFile]:
     if info.type != pafs.FileType.Directory:
         raise OutputError(f"{out.uri} is not a capfilt output folder (it does not exist or is a file); "
                           f"give the --output folder of a `capfilt run`")
-    infos = out.fs.get_file_info(pafs.FileSelector(out.path, recursive=True))
-    files = {i.path: i for i in infos if i.type == pafs.FileType.File}
-    shards = []
-    for p, i in files.items():
-        if not p.endswith(".parquet"):
-            continue
-        rel = posixpath.relpath(p, out.path)
-        if any(part.startswith(("_", ".")) for part in rel.split("/")):
-            continue
-        complete = any(c in files for c in stats_candidates(out.path, rel))
-        shards.append(ShardFile(rel, p, int(i.size or 0), complete))
-    return sorted(shards, key=lambda s: s.name)
+    shards, _ = list_shards(out, recursive=True)
+    return [ShardFile(s.name, s.path, s.size, s.stats_path is not None) for s in shards]
 
 
 def read_run_record(out: Location) -> tuple[dict[str, Any] | None, list[str]]:

@@ -37,7 +37,7 @@ from torch import nn
 from capfilt.config import ConfigError
 from capfilt.train.blip import BlipCollator, itc_loss, itm_pairs, lm_loss
 from capfilt.train.data import collate_common
-from capfilt.train.task import TrainTask, apply_config_overrides, init_query_tokens, load_hf, resolve_id
+from capfilt.train.task import TrainTask, apply_config_overrides, init_query_tokens, load_hf
 
 log = logging.getLogger(__name__)
 
@@ -342,8 +342,7 @@ def build_blip2_task(recipe: Any) -> TrainTask:
     else:
         model = Blip2ForConditionalGeneration(cfg)
     if m.qformer_from:
-        path, local = resolve_id(m.qformer_from, m.builder)
-        src = load_hf(Blip2ForImageTextRetrieval, path, None, None)
+        src = load_hf(Blip2ForImageTextRetrieval, m.qformer_from, m.builder, None)
         if src.query_tokens.shape != model.query_tokens.shape:
             raise ConfigError(f"{m.qformer_from} has query tokens {tuple(src.query_tokens.shape)}, the stage-2 "
                               f"model {tuple(model.query_tokens.shape)}; set model.num_query_tokens to match")

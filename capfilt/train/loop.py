@@ -179,6 +179,7 @@ def write_preset(recipe: TrainRecipe, final: Path, components: dict[str, str]) -
     import yaml
 
     from capfilt.config import ModelPreset, load_preset
+    from capfilt.modeling.loading import resolve_model
 
     kind = "blip2" if recipe.task == "blip2" else "blip"
     if kind == "blip2" and "filter" in components:
@@ -194,10 +195,7 @@ def write_preset(recipe: TrainRecipe, final: Path, components: dict[str, str]) -
             if role in specs or spec is None:
                 continue
             d = spec.model_dump(mode="json", exclude_none=True)
-            if base.builder == "tiny":
-                from capfilt.modeling.tiny import ensure_tiny_checkpoints
-
-                d["id"] = str(ensure_tiny_checkpoints() / spec.id)
+            d["id"] = resolve_model(spec, base)
             specs[role] = d
     if "captioner" not in specs or "filter" not in specs:
         log.info("no preset.yaml: the recipe has no base preset for the untrained role")

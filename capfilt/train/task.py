@@ -25,42 +25,21 @@ log = logging.getLogger(__name__)
 EXTRAS_FILE = "extras.safetensors"
 
 
-def resolve_id(model_id: str, builder: str | None = None) -> tuple[str, bool]:
-    """Where to load ``model_id`` from.
-
-    Args:
-        model_id: a Hub id, a local folder, or (with ``builder="tiny"``) a name in
-            :data:`capfilt.modeling.tiny.TINY_NAMES`, built locally on first use.
-        builder: the recipe's ``model.builder``.
-
-    Returns:
-        ``(path_or_id, local_only)``; ``local_only`` is true for folders and when ``HF_HUB_OFFLINE`` is set.
-    """
-    import os
-
-    if builder == "tiny":
-        from capfilt.modeling.tiny import TINY_NAMES, ensure_tiny_checkpoints
-
-        if model_id in TINY_NAMES:
-            return str(ensure_tiny_checkpoints() / model_id), True
-    p = Path(model_id).expanduser()
-    if p.exists() or model_id.startswith((".", "/", "~")):
-        return str(p), True
-    return model_id, os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
 def load_hf(cls: Any, model_id: str, builder: str | None, revision: str | None = None, **kw: Any) -> Any:
     """``cls.from_pretrained`` with the recipe's id resolution and one readable error.
 
     Args:
         cls: a transformers class (model, processor, tokenizer or config).
-        model_id / builder / revision: see :func:`resolve_id`.
+        model_id / builder / revision: see :func:`capfilt.modeling.loading.resolve_checkpoint`.
         **kw: passed to ``from_pretrained`` (e.g. ``config=``, ``ignore_mismatched_sizes=True``).
 
     Raises:
         ModelLoadError: not found locally / not cached while offline / unreadable.
     """
-    path, local_only = resolve_id(model_id, builder)
+    from capfilt.modeling.loading import resolve_checkpoint
+
+    res = resolve_checkpoint(model_id, builder, revision)
+    path, local_only = res.path, res.local_only
     try:
         return cls.from_pretrained(path, revision=revision, local_files_only=local_only, **kw)
     except (OSError, ValueError) as e:

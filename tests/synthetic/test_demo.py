@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from capfilt.report import build_report
-from tests.test_report_browser import CHROMIUM, browser  # noqa: F401 - the fixture
+from tests.report.test_browser import CHROMIUM, browser  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
 
