@@ -17,16 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from capfilt.config import ConfigError, ModelPreset, PipelineConfig, load_pipeline, load_preset
-from capfilt.errors import OutputError
-from capfilt.io.filesystem import locate
-from capfilt.io.run_record import RunRecord, write_run_record
+from capfilt.errors import CapfiltError, OutputError, one_line, shorten, storage_error
+from capfilt.io.filesystem import Location, locate
+from capfilt.io.lease import OutputLease
+from capfilt.io.run_record import RunRecord, run_record_location, write_run_record
 from capfilt.io.writer import committed_keys, scan_output
-from capfilt.output import check_overlap, identity, prepare_output, run_id_of, start_record
-from capfilt.plan import inspect_source, plan_shards
+from capfilt.output import check_not_file, check_overlap, identity, prepare_output, run_id_of, start_record
+from capfilt.plan import Source, fingerprints, inspect_source, plan_shards
 from capfilt.runner import StagePlan, prepare_ray, run_local, run_ray
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import specs_table
-from capfilt.stages.registry import build_stages, model_roles, output_schema, totals_from_stats
+from capfilt.stages.write import reconcile_parts
+from capfilt.stages.registry import build_stages, known_stages, model_roles, output_schema, totals_from_stats
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +103,29 @@ def run(opts: RunOptions) -> RunResult:
         from capfilt.modeling.loading import preflight
 
         preflight(preset, model_roles(cfg))
-    ident = identity(cfg, preset, [locate(i).uri for i in opts.inputs], src.files)
+    ident = identity(cfg, preset, [locate(i).uri for i in opts.inputs], src.files, fingerprints(src))
+    check_not_file(out)
+    with OutputLease(out):
+        try:
+            return _run_leased(opts, cfg, preset, out, src, ident, t0)
+        except CapfiltError:
+            raise
+        except Exception as e:  # a full disk, a read-only folder, an object store that says 403
+            why = storage_error(e)
+            if why is None:
+                raise
+            raise OutputError(f"cannot write to the output {out.uri}: {why}. Committed shards are kept. Free "
+                              f"space or fix the permissions (or choose another --output), then rerun the same "
+                              f"command to resume.") from None
+
+
+def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | None, out: Location, src: Source,
+                ident: dict, t0: float) -> RunResult:
+    """The part of :func:`run` that touches the output folder, under its lease."""
     previous, parts = prepare_output(out, ident, opts.overwrite)
+    if reconcile_parts(out, run_id_of(previous), known_stages()):  # stale siblings of an earlier attempt
+        parts = scan_output(out)[0]
+    resumed = bool(parts)
 
     # 2. plan what is left and build the stages
     run_id = run_id_of(previous)
@@ -119,18 +142,40 @@ def run(opts: RunOptions) -> RunResult:
     write_run_record(out, record)
     t_exec = time.time()
     table = specs_table(specs)
-    stream = run_ray(table, plans, opts.ray_address, opts.progress) if executor == "ray" else run_local(table, plans)
     try:
+        stream = run_ray(table, plans, opts.ray_address, opts.progress) if executor == "ray" else run_local(table, plans)
         written = [json.loads(s) for batch in stream for s in batch.column("stats").to_pylist()]
+        exec_seconds = time.time() - t_exec
+        reconcile_parts(out, run_id, known_stages())
+        parts = scan_output(out)[0]
+        totals = totals_from_stats([p.stats for p in parts])
+        keys = committed_keys(out, parts)
     except KeyboardInterrupt:
-        write_run_record(out, record.interrupted())
+        _try_record(out, record.interrupted())
         raise
-    exec_seconds = time.time() - t_exec
-    totals = totals_from_stats([p.stats for p in scan_output(out)[0]])
+    except Exception as e:
+        _try_record(out, record.failed(storage_error(e) or f"{type(e).__name__}: {shorten(one_line(e), 500)}"))
+        raise
     wall = time.time() - t0
-    record = record.finished(totals, len(written), wall, exec_seconds)
+    record = record.finished(totals, len(written), wall, exec_seconds, len(keys), len(set(keys)))
     write_run_record(out, record)
     if record.status != "complete":
-        raise OutputError(f"run finished with {totals['rows']} of {total_rows} rows written; rerun the same command "
-                          f"to complete it")
-    return RunResult(out.uri, run_id, record, totals, wall, len(written), skipped, bool(parts))
+        raise OutputError(f"run finished with {len(set(keys))} of {total_rows} input rows written "
+                          f"({len(keys) - len(set(keys))} written twice); rerun the same command to complete it")
+    return RunResult(out.uri, run_id, record, totals, wall, len(written), skipped, resumed)
+
+
+def _try_record(out: Location, record: RunRecord) -> None:
+    """Write the run record, but never let a failing write (a full disk) hide the error being raised.
+
+    When the atomic write fails (no room for a temporary copy), the record is overwritten in place:
+    truncating it frees the space the new one needs.
+    """
+    try:
+        write_run_record(out, record)
+    except OSError:
+        try:
+            with out.fs.open_output_stream(run_record_location(out).path) as f:
+                f.write(json.dumps(record.to_json(), indent=2, default=str).encode())
+        except OSError as e:
+            log.warning("could not update the run record of %s: %s", out.uri, e)

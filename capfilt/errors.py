@@ -42,3 +42,57 @@ def shorten(text: str, limit: int, ellipsis: str = "…") -> str:
 def one_line(err: BaseException | str) -> str:
     """``str(err)`` with every run of whitespace (newlines included) collapsed to one space."""
     return " ".join(str(err).split())
+
+
+#: errno values that mean "the output location cannot take more writes" rather than a bug.
+OUTPUT_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exceeded",
+                 "EROFS": "the file system is read-only", "EACCES": "permission denied",
+                 "EPERM": "operation not permitted", "EFBIG": "a file grew larger than allowed",
+                 "EIO": "an input/output error"}
+#: Substrings of object-store errors (pyarrow's S3/GCS messages) that mean the same.
+STORE_DENIED = ("ACCESS_DENIED", "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId",
+                "SignatureDoesNotMatch", "NoSuchBucket")
+
+
+def _causes(err: BaseException):
+    """``err`` and what it wraps (``__cause__``/``__context__``, Ray's ``.cause``), each once."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+
+
+def storage_error(err: BaseException) -> str | None:
+    """What went wrong writing to storage, if ``err`` (or what it wraps) is such an error.
+
+    Looks through Ray's task-error wrappers for an :class:`OSError` whose ``errno`` is in
+    :data:`OUTPUT_ERRNOS` or whose text names an object-store denial (:data:`STORE_DENIED`).
+
+    Returns:
+        e.g. ``"the disk is full ([Errno 28] No space left on device: '/out/_capfilt/tmp/...')"``,
+        or ``None`` when ``err`` is something else (a bug, a model error).
+    """
+    import errno as errno_mod
+
+    for e in _causes(err):
+        if not isinstance(e, OSError):
+            continue
+        name = errno_mod.errorcode.get(e.errno or -1, "")
+        if name in OUTPUT_ERRNOS:
+            return f"{OUTPUT_ERRNOS[name]} ({shorten(one_line(e), 300)})"
+        text = one_line(e)
+        if any(s in text for s in STORE_DENIED):
+            return f"the object store refused the write ({shorten(text, 300)})"
+        if "No space left" in text or "Disk quota" in text:
+            return f"the disk is full ({shorten(text, 300)})"
+    for e in _causes(err):  # Ray may re-raise a worker's OSError as a plain RayTaskError text
+        text = one_line(e)
+        if "No space left on device" in text:
+            return "the disk is full (No space left on device)"
+        if "Errno 13" in text or "Permission denied" in text:
+            return "permission denied"
+    return None

@@ -9,6 +9,7 @@ makes the :class:`~capfilt.io.run_record.RunRecord` the run writes first.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
@@ -21,9 +22,12 @@ from capfilt import __version__
 from capfilt.config import ModelPreset, PipelineConfig
 from capfilt.errors import OutputError
 from capfilt.io.filesystem import Location
+from capfilt.io.lease import LEASE_NAME
 from capfilt.io.reader import InputFile
 from capfilt.io.run_record import RunRecord, read_run_record
 from capfilt.io.writer import META_DIR, STATS_DIR, CommittedPart, is_capfilt_file, scan_output
+
+log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
@@ -65,23 +69,44 @@ def check_overlap(inputs: list[str], out: Location) -> None:
                               f"Choose an --output outside the input folder.")
 
 
-def identity(cfg: PipelineConfig, preset: ModelPreset | None, inputs: list[str], files: list[InputFile]) -> dict:
-    """What must not change between a run and its resume: recipe, models, inputs and their files.
+def identity(cfg: PipelineConfig, preset: ModelPreset | None, inputs: list[str], files: list[InputFile],
+             fingerprints: dict[str, str] | None = None) -> dict:
+    """What must not change between a run and its resume: recipe, models, inputs and their content.
 
     Keys are positions in the sorted file list, so a file added to an input folder (or one that
-    grew) would shift them: the file list with row counts is part of the identity.
+    grew) would shift them: the file list with row counts is part of the identity. So is each
+    file's content fingerprint (:func:`capfilt.plan.fingerprints`): an edited file with the same
+    row count would otherwise be resumed and mixed with the rows of its earlier version.
     """
     return {"recipe": cfg.fingerprint(),
             "models": preset.model_dump(mode="json", exclude={"description"}) if preset else None,
-            "inputs": inputs, "files": [f"{f.uri} ({f.num_rows} rows)" for f in files]}
+            "inputs": inputs, "files": [f"{f.uri} ({f.num_rows} rows)" for f in files],
+            "fingerprints": dict(fingerprints or {})}
+
+
+def _changed_inputs(old: dict, new: dict) -> list[str]:
+    """What differs between the fingerprints of two identities: ``"NAME (content changed)"``,
+    ``"NAME (new)"``, ``"NAME (gone)"``; empty when either identity has none."""
+    a, b = old.get("fingerprints"), new.get("fingerprints")
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return []
+    return ([f"{k} (content changed)" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+            + [f"{k} (new)" for k in sorted(set(b) - set(a))] + [f"{k} (gone)" for k in sorted(set(a) - set(b))])
 
 
 def _wipe(out: Location) -> None:
-    """Delete what capfilt wrote in ``out`` (shard parts, ``_stats/``, ``_capfilt/``), nothing else."""
+    """Delete what capfilt wrote in ``out`` (shard parts, ``_stats/``, ``_capfilt/``), nothing else;
+    the lease of the run doing the wiping stays (:mod:`capfilt.io.lease`)."""
     for info in out.fs.get_file_info(pafs.FileSelector(out.path, recursive=False)):
         name = info.path.rsplit("/", 1)[-1]
-        if info.type == pafs.FileType.Directory and name in (STATS_DIR, META_DIR):
+        if info.type == pafs.FileType.Directory and name == STATS_DIR:
             out.fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.Directory and name == META_DIR:
+            for sub in out.fs.get_file_info(pafs.FileSelector(info.path, recursive=False)):
+                if sub.type == pafs.FileType.Directory:
+                    out.fs.delete_dir(sub.path)
+                elif sub.path.rsplit("/", 1)[-1] != LEASE_NAME:
+                    out.fs.delete_file(sub.path)
         elif info.type == pafs.FileType.File and is_capfilt_file(name):
             out.fs.delete_file(info.path)
 
@@ -110,6 +135,17 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+def check_not_file(out: Location) -> None:
+    """Refuse an ``--output`` that is a file.
+
+    Raises:
+        OutputError: ``out`` is a file.
+    """
+    if out.fs.get_file_info(out.path).type == pafs.FileType.File:
+        raise OutputError(f"output {out.uri} is a file; --output must be a folder (new, empty, or an earlier "
+                          f"capfilt output)")
+
+
 def prepare_output(out: Location, ident: dict, overwrite: bool) -> tuple[RunRecord | None, list[CommittedPart]]:
     """Refuse, wipe or resume an existing output; delete uncommitted leftovers.
 
@@ -125,10 +161,8 @@ def prepare_output(out: Location, ident: dict, overwrite: bool) -> tuple[RunReco
         OutputError: ``out`` is a file, holds files capfilt did not write, or holds a run with other
             settings (and not ``overwrite``).
     """
+    check_not_file(out)
     info = out.fs.get_file_info(out.path)
-    if info.type == pafs.FileType.File:
-        raise OutputError(f"output {out.uri} is a file; --output must be a folder (new, empty, or an earlier "
-                          f"capfilt output)")
     previous, _ = read_run_record(out)
     foreign = _foreign_entries(out) if info.type == pafs.FileType.Directory else []
     if previous is None and foreign:
@@ -136,7 +170,19 @@ def prepare_output(out: Location, ident: dict, overwrite: bool) -> tuple[RunReco
         raise OutputError(f"output folder {out.uri} already holds files that capfilt did not write ({shown}); "
                           f"choose a new or empty --output folder (capfilt never deletes other files)")
     if previous is not None and not overwrite:
-        changes = _diff(previous.identity, ident)
+        changed = _changed_inputs(previous.identity, ident)
+        if changed:
+            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise OutputError(f"the input changed since {out.uri} was started: {shown}. Row keys are positions "
+                              f"in the input, so resuming would mix rows of the old and the new input. Restore "
+                              f"the original input to resume, or use --overwrite to start again from the new "
+                              f"one, or choose another --output.")
+        old_ident = dict(previous.identity)
+        if "fingerprints" not in old_ident:  # written by capfilt < 0.2: cannot check, do not refuse
+            log.warning("%s was started by an older capfilt that did not fingerprint its inputs; resuming "
+                        "without checking that they are unchanged", out.uri)
+            old_ident["fingerprints"] = ident.get("fingerprints")
+        changes = _diff(old_ident, ident)
         if changes:
             shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
             raise OutputError(f"{out.uri} holds a run with different settings ({shown}). Use --overwrite to "

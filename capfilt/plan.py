@@ -70,6 +70,32 @@ def inspect_source(cfg: PipelineConfig, inputs: list[str]) -> Source:
     return Source([], scorers, [f for f in old_schema if f.name not in contract], src, old_parts)
 
 
+def fingerprints(src: Source) -> dict[str, str]:
+    """Content fingerprints of what the run reads (:func:`capfilt.io.fingerprint.fingerprint`).
+
+    Returns:
+        ``{input file URI: fingerprint}`` for metadata input; for refilter, ``{old part name:
+        fingerprint}`` of the earlier output's committed parts.
+
+    Raises:
+        InputError: a file cannot be read (named).
+    """
+    from capfilt.errors import InputError
+    from capfilt.io.fingerprint import fingerprint
+
+    if src.old is not None:
+        items = [(p.name, src.old.join(p.name + ".parquet")) for p in src.old_parts]
+    else:
+        items = [(f.uri, locate(f.uri)) for f in src.files]
+    out = {}
+    for name, loc in items:
+        try:
+            out[name] = fingerprint(loc)
+        except OSError as e:
+            raise InputError(f"cannot read {loc.uri} to fingerprint it: {e}") from None
+    return out
+
+
 def plan_shards(cfg: PipelineConfig, src: Source, done_keys: list[str]) -> tuple[list[ShardSpec], int, int]:
     """Shard specs still to do, shards already done, and total input rows."""
     if cfg.source == "metadata":

@@ -29,7 +29,8 @@ class Attempt(BaseModel):
     Attributes:
         started / finished: Unix time, seconds.
         resumed: committed shards were already there; ``parts_already_done`` counts them.
-        interrupted: stopped by Ctrl-C (``KeyboardInterrupt``).
+        interrupted: stopped by Ctrl-C (``KeyboardInterrupt``) or SIGTERM.
+        error: why the attempt failed (one paragraph), when it did.
         parts_written: shard parts this attempt committed.
         wall_seconds: the attempt's wall time; ``execute_seconds`` the part spent streaming shards.
     """
@@ -41,6 +42,7 @@ class Attempt(BaseModel):
     parts_already_done: int | None = None
     finished: float | None = None
     interrupted: bool | None = None
+    error: str | None = None
     parts_written: int | None = None
     wall_seconds: float | None = None
     execute_seconds: float | None = None
@@ -51,7 +53,7 @@ class RunRecord(BaseModel):
 
     Attributes:
         run_id: 12 hex digits, kept across resumes (it is also in the shards' schema metadata).
-        status: ``running``, ``interrupted``, ``complete`` or ``incomplete``.
+        status: ``running``, ``interrupted``, ``failed``, ``complete`` or ``incomplete``.
         command: the ``capfilt`` command line, or None when run from Python.
         identity: what must not change between a run and its resume (recipe fingerprint, models,
             inputs and their files); compared by :func:`capfilt.output.prepare_output`.
@@ -106,20 +108,29 @@ class RunRecord(BaseModel):
         """This record after Ctrl-C: ``status: interrupted``, the last attempt finished and marked."""
         return self.model_copy(update={"status": "interrupted", "attempts": self._last(interrupted=True)})
 
-    def finished(self, totals: dict[str, Any], parts_written: int, wall: float, execute: float) -> RunRecord:
+    def failed(self, error: str) -> RunRecord:
+        """This record after an error ended the attempt: ``status: failed``, the error recorded."""
+        return self.model_copy(update={"status": "failed", "attempts": self._last(error=error)})
+
+    def finished(self, totals: dict[str, Any], parts_written: int, wall: float, execute: float,
+                 keys: int | None = None, unique_keys: int | None = None) -> RunRecord:
         """This record at the end of an attempt.
 
         Args:
             totals: counters over every committed shard (``rows``, ``throughput``, ...).
             parts_written: parts this attempt committed.
             wall: this attempt's wall time, seconds; ``execute``: its streaming part, seconds.
+            keys / unique_keys: rows in the committed parts, and distinct ``key`` values among them
+                (``None``: not counted; then only ``totals.rows`` decides).
 
         Returns:
-            The record with ``status`` ``complete`` (``totals.rows == input_rows``) or ``incomplete``,
-            ``totals``, ``timings`` (wall seconds summed over attempts) and ``stages``.
+            The record with ``status`` ``complete`` (every input row once: ``unique_keys == keys ==
+            totals.rows == input_rows``) or ``incomplete``, ``totals``, ``timings`` (wall seconds
+            summed over attempts) and ``stages``.
         """
         attempts = self._last(parts_written=parts_written, wall_seconds=wall, execute_seconds=execute)
-        complete = totals["rows"] == self.input_rows
+        complete = totals["rows"] == self.input_rows and all(
+            n is None or n == self.input_rows for n in (keys, unique_keys))
         timings = {"wall_seconds": sum(a.wall_seconds or 0 for a in attempts), "last_attempt_seconds": wall,
                    "stage_seconds": {k: v["seconds"] for k, v in totals["throughput"].items()}}
         return self.model_copy(update={"attempts": attempts, "status": "complete" if complete else "incomplete",

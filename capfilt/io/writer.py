@@ -67,9 +67,16 @@ class CommittedPart:
 def write_bytes(loc: Location, data: bytes) -> None:
     """Write ``data`` to ``loc`` whole or not at all (temporary name, then move)."""
     tmp = loc.path + f".{uuid.uuid4().hex}.tmp"
-    with loc.fs.open_output_stream(tmp) as f:
-        f.write(data)
-    loc.fs.move(tmp, loc.path)
+    try:
+        with loc.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        loc.fs.move(tmp, loc.path)
+    except OSError:  # a full disk: do not leave the half-written temporary behind
+        try:
+            loc.fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def write_json(loc: Location, data: dict, indent: int = 2) -> None:

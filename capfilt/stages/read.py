@@ -81,16 +81,23 @@ def plan_output_shards(old: Location, old_parts: list[CommittedPart], done_keys:
                        ) -> tuple[list[ShardSpec], int, int]:
     """Shard specs of an earlier output (refilter): one per committed part, minus committed rows.
 
+    A spec keeps its source part's identity: shard id and row offset come from the part's name
+    (``00012-000250`` -> shard 12, rows from offset 250), so the refiltered part has the same name
+    as the part it refilters, whatever other parts the source gains or loses between attempts.
+
     Returns:
         ``(specs still to do, number of shards already complete, rows in the old output)``.
     """
     done_set = set(done_keys)
     specs, skipped, total_rows = [], 0, 0
-    for sid, p in enumerate(old_parts):
+    for p in old_parts:
         with old.fs.open_input_file(p.parquet) as fh:
             keys = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
         total_rows += len(keys)
-        spec = ShardSpec(sid, 0, 0, len(keys), tuple(i for i, k in enumerate(keys) if k in done_set), p.parquet)
+        sid, _, offset = p.name.partition("-")
+        base = int(offset or 0)
+        spec = ShardSpec(int(sid), 0, base, base + len(keys),
+                         tuple(i for i, k in enumerate(keys) if k in done_set), p.parquet)
         if spec.pending:
             specs.append(spec)
         else:
@@ -159,8 +166,9 @@ class ReadOutputStage(Stage):
                 t = pq.read_table(fh)
             t = t.replace_schema_metadata(None)
             skip = set(spec["skip"] or ())
-            offsets = [i for i in range(t.num_rows) if i not in skip]
+            rows = [i for i in range(t.num_rows) if i not in skip]
             if skip:
-                t = t.take(pa.array(offsets, pa.int64()))
-            tables.append(_with_position(t, spec["shard_id"], pa.array(offsets, pa.int64())))
+                t = t.take(pa.array(rows, pa.int64()))
+            offsets = pa.array([spec["start"] + i for i in rows], pa.int64())  # the source part's offsets
+            tables.append(_with_position(t, spec["shard_id"], offsets))
         return pa.concat_tables(tables)

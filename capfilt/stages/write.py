@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -10,13 +11,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from capfilt.io.filesystem import locate
-from capfilt.io.writer import commit_part, part_name
+from capfilt.io.filesystem import Location, locate
+from capfilt.io.writer import STATS_DIR, STATS_SUFFIX, commit_part, part_name, scan_output
 from capfilt.schema import SCHEMA_VERSION, SUCCESS, conform
 from capfilt.stages.base import RunContext, Stage, column_or_nulls
 
 if TYPE_CHECKING:
     from capfilt.config import PipelineConfig
+
+log = logging.getLogger(__name__)
 
 #: Prefix of the internal per-row seconds columns (``_seconds_<stage name>``).
 SECONDS_PREFIX = "_seconds_"
@@ -93,3 +96,69 @@ class ShardWriter(Stage):
         return pa.Table.from_arrays([pa.array(names, pa.string()), pa.array(ids, pa.int64()),
                                      pa.array(rows, pa.int64()), pa.array(stats, pa.string())],
                                     schema=STATS_ROW_SCHEMA)
+
+
+def shard_of(part: str) -> int:
+    """The shard id of a part stem (``00012`` or ``00012-000250`` -> ``12``)."""
+    return int(part.split("-", 1)[0])
+
+
+def reconcile_parts(out: Location, run_id: str, stats_from: tuple[type[Stage], ...] = ()) -> list[str]:
+    """Make every key appear in at most one committed part; return what was changed.
+
+    Part names come from a shard id and the first row offset of the block that wrote them, so when
+    Ray re-executes a lost block and its rows arrive split differently, a part of the first
+    execution can overlap a part of the second (a stale sibling). Per shard, parts are taken
+    largest first: a part whose keys are all in parts already taken is deleted; a part that
+    overlaps them only in part is rewritten with the rows no other part has (statistics
+    recomputed; stage seconds kept). Stats are removed before the Parquet file each time, so an
+    interruption leaves an uncommitted leftover that resume redoes, never a duplicate.
+
+    Args:
+        out: the output folder.
+        run_id: recorded in rewritten parts' statistics.
+        stats_from: stage classes whose :meth:`Stage.stats` go into rewritten parts' statistics.
+
+    Returns:
+        Readable notes, one per deleted or rewritten part (empty when nothing overlapped).
+    """
+    import pyarrow.parquet as pq
+
+    parts, _ = scan_output(out)
+    by_shard: dict[int, list] = {}
+    for p in parts:
+        by_shard.setdefault(shard_of(p.name), []).append(p)
+    notes: list[str] = []
+    for shard_id, group in sorted(by_shard.items()):
+        if len(group) < 2:
+            continue
+        keyed = []
+        for p in group:
+            with out.fs.open_input_file(p.parquet) as f:
+                keyed.append((p, pq.read_table(f, columns=["key"]).column("key").to_pylist()))
+        taken: set[str] = set()
+        for p, keys in sorted(keyed, key=lambda pk: (-len(pk[1]), pk[0].name)):
+            dup = [k in taken for k in keys]
+            if not any(dup):
+                taken.update(keys)
+                continue
+            stats_path = out.join(STATS_DIR, p.name + STATS_SUFFIX).path
+            out.fs.delete_file(stats_path)
+            if all(dup):
+                out.fs.delete_file(p.parquet)
+                notes.append(f"deleted part {p.name}: all {len(keys)} rows are in other parts of shard {shard_id}")
+                continue
+            with out.fs.open_input_file(p.parquet) as f:
+                pf = pq.ParquetFile(f)
+                compression = pf.metadata.row_group(0).column(0).compression
+                table = pf.read()
+            kept = table.filter(pa.array([not d for d in dup]))
+            st = shard_stats(kept, p.name, shard_id, run_id, stats_from)
+            st["seconds"] = p.stats.get("seconds", {})
+            commit_part(out, p.name, kept.replace_schema_metadata(table.schema.metadata), st,
+                        None if compression == "UNCOMPRESSED" else compression.lower())
+            taken.update(k for k, d in zip(keys, dup) if not d)
+            notes.append(f"rewrote part {p.name} without {sum(dup)} rows that other parts of shard {shard_id} hold")
+    for n in notes:
+        log.warning("%s: %s (a re-executed block wrote its rows under another split)", out.uri, n)
+    return notes

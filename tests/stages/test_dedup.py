@@ -70,3 +70,42 @@ def test_pipeline_with_dedup_skips_models_for_copies(tmp_path):
     assert t[4]["error_message"] == "same image as row 0000_000000000 (sha256)"
     assert t[4]["synthetic_captions"] is None and t[4]["keep"] is False
     assert res.totals["status"] == {"duplicate": 2, "success": 4}
+
+
+def _photos(n: int = 3) -> list[bytes]:
+    return [_jpeg(p) for p in sorted(COCO.glob("*.jpg"))[:n]]
+
+
+def test_a_reexecuted_block_is_not_a_duplicate_of_itself():
+    """Ray re-runs a block after a worker loss: the same rows must get the same answer."""
+    a, b, c = _photos()
+    for cfg in (DedupConfig(enabled=True), DedupConfig(enabled=True, near=True)):
+        stage = DedupStage(cfg)
+        batch = _batch([a, b, a, c])
+        first = stage(batch)
+        again = stage(batch)
+        assert first.column("status").to_pylist() == ["success", "success", "duplicate", "success"]
+        assert again.column("status").to_pylist() == first.column("status").to_pylist(), cfg
+        assert again.column("error_message").to_pylist() == first.column("error_message").to_pylist()
+
+
+def test_dedup_state_survives_a_restarted_actor(tmp_path):
+    """A new stage instance (a restarted actor) over the same output remembers the rows claimed so far."""
+    a, b, c = _photos()
+    a_small = _jpeg(sorted(COCO.glob("*.jpg"))[0], size=200, quality=60)
+    out = tmp_path / "out"
+    cfg = DedupConfig(enabled=True, near=True)
+    DedupStage(cfg, str(out))(_batch([a, b]))
+    assert len(list((out / "_capfilt" / "dedup").glob("*.parquet"))) == 1
+    restarted = DedupStage(cfg, str(out))
+    later = _batch([c, a, a_small]).set_column(0, "key", pa.array(["0001_0", "0001_1", "0001_2"]))
+    res = restarted(later)
+    assert res.column("status").to_pylist() == ["success", "duplicate", "duplicate"]
+    msgs = res.column("error_message").to_pylist()
+    assert msgs[1] == "same image as row 0000_000000000 (sha256)"
+    assert msgs[2].startswith("near-duplicate of row 0000_000000000")
+    # and the first block, re-executed by the restarted actor, keeps its rows
+    assert restarted(_batch([a, b])).column("status").to_pylist() == ["success", "success"]
+    # without the log (a fresh output) the copies would have been kept: the log is what remembers
+    fresh = DedupStage(cfg, str(tmp_path / "other"))
+    assert fresh(later).column("status").to_pylist() == ["success", "success", "duplicate"]
