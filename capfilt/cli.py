@@ -7,6 +7,7 @@ without a traceback.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -80,6 +81,7 @@ def run(
     overrides.update({k: v for k, v in flags.items() if v is not None})
     opts = RunOptions(inputs=input, output=output, pipeline=pipeline, models=models, overrides=overrides,
                       ray_address=ray_address, executor=executor, overwrite=overwrite, progress=progress)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         result = api_run(opts)
     except CapfiltError as e:
@@ -87,7 +89,17 @@ def run(
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: committed shards are kept; rerun the same command to resume.")
         raise typer.Exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        from capfilt.runner import shutdown_local_ray
+
+        shutdown_local_ray()  # no Ray worker of this run outlives it
     print_summary(result, console)
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a scheduler's stop) ends a run like Ctrl-C: record kept, workers stopped."""
+    raise KeyboardInterrupt
 
 
 @app.command()

@@ -31,13 +31,17 @@ ROWS, PER_SHARD = 48, 4
 CAPTION_BUSY = "ray::MapWorker(MapBatches(CaptionActor)).submit"
 CAPTION_ANY = "ray::MapWorker(MapBatches(CaptionActor))"
 DOWNLOAD_BUSY = "ray::MapBatches(download)"
+DEDUP_BUSY = "ray::MapWorker(MapBatches(DedupActor)).submit"
+WRITE_BUSY = "MapBatches(write)"  # a task, possibly fused after select: ray::MapBatches(select)->MapBatches(write)
 
 
 class Killer(threading.Thread):
-    """Kill, by PID, the first busy captioner actor and the first busy download task worker seen."""
+    """Kill, by PID, the first busy process seen of each target (``{name: process-title prefix}``;
+    a prefix without ``ray::`` matches anywhere in the title)."""
 
-    def __init__(self):
+    def __init__(self, targets: dict[str, str] | None = None):
         super().__init__(daemon=True)
+        self.targets = targets or {"caption": CAPTION_BUSY, "download": DOWNLOAD_BUSY}
         self.stop = threading.Event()
         self.killed: dict[str, tuple[int, float]] = {}  # what -> (pid, time)
         self.caption_pids_before_kill: set[int] = set()
@@ -58,8 +62,10 @@ class Killer(threading.Thread):
                         self.caption_pids_before_kill.add(p.pid)
                     elif p.pid not in self.caption_pids_before_kill:
                         self.caption_pids_after_kill.add(p.pid)
-                for what, prefix in (("caption", CAPTION_BUSY), ("download", DOWNLOAD_BUSY)):
-                    if what not in self.killed and title.startswith(prefix):
+                for what, prefix in self.targets.items():
+                    hit = title.startswith(prefix) if prefix.startswith("ray::") else (
+                        title.startswith("ray::") and prefix in title)
+                    if what not in self.killed and hit:
                         os.kill(p.pid, signal.SIGKILL)
                         self.killed[what] = (p.pid, time.time())
             time.sleep(0.02)
@@ -104,3 +110,43 @@ def test_killed_actor_and_task_workers_are_retried_without_loss_or_duplicates(tm
     record = json.loads((tmp_path / "out" / "_capfilt" / "run.json").read_text())
     assert record["status"] == "complete" and record["totals"]["images_captioned"] == ROWS
     assert not list((tmp_path / "out" / "_capfilt").glob("tmp/*.parquet"))
+
+
+@pytest.mark.slow
+def test_killed_dedup_caption_and_write_workers_keep_every_key_once_and_no_self_duplicates(tmp_path):
+    """Issue 10: kill a Ray worker inside dedup, caption and write; the run and a rerun of the same
+    command give every key once, one kept copy per distinct image, no row a duplicate of itself."""
+    killer = Killer({"dedup": DEDUP_BUSY, "caption": CAPTION_BUSY, "write": WRITE_BUSY})
+    with _slow_server(0.3) as srv:
+        rows = [{"url": srv.url(f"photo{i}.jpg"), "caption": f"web caption {i}"} for i in range(ROWS)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+        opts = RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "out"), models="tiny",
+                          progress=False,
+                          overrides=["download.allow_private_network=true", "download.image_size=64",
+                                     f"output.rows_per_shard={PER_SHARD}", "download.thread_count=2",
+                                     "caption.num_captions=1", "dedup.enabled=true"])
+        killer.start()
+        try:
+            result = run(opts)
+        finally:
+            killer.stop.set()
+            killer.join()
+        again = run(opts)  # the same command after the faults: nothing to redo, nothing duplicated
+
+    assert set(killer.killed) == {"dedup", "caption", "write"}, killer.killed
+    assert again.parts_written == 0 and again.record.status == "complete"
+    files = sorted(str(p) for p in (tmp_path / "out").glob("*.parquet"))
+    t = ds.dataset(files, format="parquet").to_table(columns=["key", "status", "error_message", "sha256"])
+    keys = t.column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == ROWS == result.totals["rows"]
+    by_sha: dict[str, list[dict]] = {}
+    for r in t.to_pylist():
+        by_sha.setdefault(r["sha256"], []).append(r)
+        if r["status"] == "duplicate":
+            assert r["key"] not in r["error_message"], r  # never a duplicate of itself
+    assert 2 <= len(by_sha) <= len(PHOTOS)
+    for copies in by_sha.values():  # exactly one kept copy per distinct image, the others point at it
+        kept = [r for r in copies if r["status"] == "success"]
+        assert len(kept) == 1, copies
+        assert all(r["error_message"] == f"same image as row {kept[0]['key']} (sha256)"
+                   for r in copies if r is not kept[0])
