@@ -147,10 +147,19 @@ def init_ray(address: str | None) -> dict:
         env_vars = {k: v for k, v in forwarded_env().items() if k not in job_env}
         kwargs = dict(ignore_reinit_error=True, include_dashboard=False, logging_level=logging.WARNING,
                       runtime_env={"env_vars": env_vars} if env_vars else None)
+        # ray.init installs its own SIGTERM handler (it logs and exits 15); keep the caller's, so that
+        # `capfilt run` stops on SIGTERM like on Ctrl-C (run record updated, Ray shut down)
+        import signal
+        import threading
+
+        main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
         if address:
             ray.init(address=address, **kwargs)
         else:
             ray.init(num_cpus=os.cpu_count(), **kwargs)
+        if main and callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
     return ray.cluster_resources()
 
 
