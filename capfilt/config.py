@@ -184,6 +184,41 @@ class DedupConfig(Strict):
     near_threshold: float = Field(0.95, gt=0, le=1)
 
 
+class LangIdConfig(Strict):
+    """Optional language ID of web captions (see :mod:`capfilt.stages.langid`).
+
+    ``languages``: ISO 639-1 codes the filter reads (BLIP: English). A caption is in another
+    language when fastText's top language is not listed and has probability >= ``min_prob``.
+    ``other``: ``keep``, ``drop_web_caption`` (not scored nor selected; the image stays) or
+    ``drop_row`` (status ``wrong_language``).
+    """
+
+    enabled: bool = False
+    languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1)
+    min_prob: float = Field(0.5, ge=0, le=1)
+    other: Literal["keep", "drop_web_caption", "drop_row"] = "drop_web_caption"
+
+
+class BlocklistConfig(Strict):
+    """Optional blocklists matched right after download, before any model (see
+    :mod:`capfilt.stages.blocklist`).
+
+    ``lists``: files of ``kind:hex`` lines (``sha256:``, ``pdq:``, ``url_sha256:``), each list
+    named by its file stem. ``pdq_max_distance``: Hamming distance (of 256 bits) at or below which
+    a PDQ hash matches (31 is the threshold Meta's PDQ documentation gives for near-identical images).
+    """
+
+    enabled: bool = False
+    lists: list[str] = Field(default_factory=list)
+    pdq_max_distance: int = Field(31, ge=0, le=128)
+
+    @model_validator(mode="after")
+    def _check(self) -> "BlocklistConfig":
+        if self.enabled and not self.lists:
+            raise ValueError("blocklist.enabled is true but blocklist.lists is empty; give at least one list file")
+        return self
+
+
 class OutputConfig(Strict):
     """Shard layout. ``rows_per_shard`` input rows go to one shard (img2dataset's number_sample_per_shard)."""
 
@@ -218,6 +253,8 @@ class ResourcesConfig(Strict):
 
     read: StageResources = StageResources(num_cpus=0.25)
     download: StageResources = StageResources(num_cpus=0.5)
+    blocklist: StageResources = StageResources(num_cpus=0.25)
+    langid: StageResources = StageResources(num_cpus=0.25)
     dedup: StageResources = StageResources(num_cpus=0.25)
     caption: StageResources = StageResources(num_cpus=0.5, num_gpus="auto")
     score: StageResources = StageResources(num_cpus=0.5, num_gpus="auto")
@@ -238,6 +275,8 @@ class PipelineConfig(Strict):
     models: str = "blip-large"
     input: InputConfig = InputConfig()
     download: DownloadConfig = DownloadConfig()
+    blocklist: BlocklistConfig = BlocklistConfig()
+    langid: LangIdConfig = LangIdConfig()
     dedup: DedupConfig = DedupConfig()
     caption: CaptionConfig = CaptionConfig()
     score: ScoreConfig = ScoreConfig()

@@ -25,6 +25,8 @@ OPTED_OUT = "opted_out"
 INVALID_URL = "invalid_url"
 BLOCKED_ADDRESS = "blocked_address"
 DUPLICATE = "duplicate"
+BLOCKED_CONTENT = "blocked_content"
+WRONG_LANGUAGE = "wrong_language"
 FAILED_TO_CAPTION = "failed_to_caption"
 FAILED_TO_SCORE = "failed_to_score"
 
@@ -39,6 +41,8 @@ STATUSES: dict[str, str] = {
     INVALID_URL: "the URL is empty, null, not http(s) or malformed",
     BLOCKED_ADDRESS: "the host resolves to a private, loopback, link-local or multicast address",
     DUPLICATE: "exact duplicate image (same sha256) of an earlier row in the run",
+    BLOCKED_CONTENT: "the image or URL is on a blocklist (blocklist.lists); its bytes are not written",
+    WRONG_LANGUAGE: "the web caption is in a language langid.languages does not list (langid.other: drop_row)",
     FAILED_TO_CAPTION: "the captioner raised on this row (retried alone)",
     FAILED_TO_SCORE: "the filter raised on this row (retried alone)",
 }
@@ -69,6 +73,14 @@ DOWNLOAD_FIELDS: list[pa.Field] = [
     pa.field("original_width", pa.int32()),
     pa.field("original_height", pa.int32()),
     pa.field("sha256", pa.string()),
+]
+
+#: Language-ID stage output (:mod:`capfilt.stages.langid`): the web caption's top language (ISO
+#: 639-1), its probability, and whether the filter may use the web caption (null: not judged).
+LANGID_FIELDS: list[pa.Field] = [
+    pa.field("web_lang", pa.string()),
+    pa.field("web_lang_prob", pa.float32()),
+    pa.field("web_lang_ok", pa.bool_()),
 ]
 
 #: Caption stage output.
@@ -103,7 +115,7 @@ SELECT_FIELDS: list[pa.Field] = [
     pa.field("drop_reason", pa.string()),
 ]
 
-CONTRACT_COLUMNS = {f.name for f in ID_FIELDS + DOWNLOAD_FIELDS + CAPTION_FIELDS + SELECT_FIELDS} | {
+CONTRACT_COLUMNS = {f.name for f in ID_FIELDS + DOWNLOAD_FIELDS + LANGID_FIELDS + CAPTION_FIELDS + SELECT_FIELDS} | {
     f.name for s in ("itm", "itc", "clip") for f in score_fields(s)
 }
 

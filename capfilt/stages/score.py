@@ -35,7 +35,7 @@ class ScoreStage(Stage):
     """Add, for each scorer ``s`` in ``cfg.scorers``, ``synthetic_<s>: list<float32>`` and ``web_<s>: float32``.
 
     Input columns: ``status`` (only ``success`` rows are scored), ``image`` (encoded bytes),
-    ``caption`` (the web text; null or blank means none) and ``synthetic_captions`` (may be absent
+    ``caption`` (the web text; null or blank means none, as does ``web_lang_ok = false``) and ``synthetic_captions`` (may be absent
     or null). ``synthetic_<s>`` is aligned with ``synthetic_captions`` (null where that is null);
     ``web_<s>`` is null without a web caption. Non-``success`` rows get nulls.
 
@@ -132,7 +132,8 @@ class ScoreStage(Stage):
         start = time.perf_counter()
         self.setup()
         images = column_or_nulls(batch, "image")
-        web = column_or_nulls(batch, "caption")
+        usable = column_or_nulls(batch, "web_lang_ok")  # false: langid says the filter cannot read it
+        web = [None if ok is False else w for w, ok in zip(column_or_nulls(batch, "caption"), usable)]
         synth = column_or_nulls(batch, CAPTION_FIELDS[0].name)
 
         def texts_of(r: int) -> list[str]:

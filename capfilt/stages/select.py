@@ -23,7 +23,8 @@ from capfilt.stages.base import Stage, column_or_nulls, set_field
 class SelectStage(Stage):
     """Apply thresholds and ranking to the scored candidates of each row.
 
-    Input columns: ``status``, ``caption``, ``synthetic_captions`` and, for each scorer ``s``,
+    Input columns: ``status``, ``caption``, ``synthetic_captions``, ``web_lang_ok`` (false: the
+    web caption is not a candidate; see :mod:`capfilt.stages.langid`) and, for each scorer ``s``,
     ``web_<s>`` / ``synthetic_<s>``. Output columns (schema.SELECT_FIELDS): ``captions`` (kept
     texts, best first by ``rank_by``), ``caption_scores`` (their ``rank_by`` scores, float32),
     ``caption_sources`` (``web`` | ``synthetic``), ``keep`` (at least one text kept) and
@@ -57,7 +58,8 @@ class SelectStage(Stage):
         thresholds = cfg.thresholds()
         score_names = sorted(set(thresholds) | {cfg.rank_by})
         status = column_or_nulls(batch, "status")
-        web = column_or_nulls(batch, "caption")
+        usable = column_or_nulls(batch, "web_lang_ok")  # false: langid excluded the web caption
+        web = [None if ok is False else w for w, ok in zip(column_or_nulls(batch, "caption"), usable)]
         synth = column_or_nulls(batch, CAPTION_FIELDS[0].name)
         web_scores = {s: column_or_nulls(batch, f"web_{s}") for s in score_names}
         syn_scores = {s: column_or_nulls(batch, f"synthetic_{s}") for s in score_names}

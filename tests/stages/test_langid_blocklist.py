@@ -1,0 +1,120 @@
+"""Language ID of web captions and blocklists (issue 12): real fastText model, real PDQ hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from capfilt.api import RunOptions, run
+from capfilt.config import BlocklistConfig, ConfigError, LangIdConfig, load_pipeline
+from capfilt.errors import InputError
+from capfilt.stages.blocklist import Blocklists, BlocklistStage, pdq_hex, sha256_hex
+from capfilt.stages.langid import LangIdStage
+from capfilt.stages.select import SelectStage
+from tests.helpers.httpserver import ImageServer
+
+COCO = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "coco" / "images").glob("*.jpg"))
+
+CAPTIONS = ["a dog running on the beach at sunset", "un chien qui court sur la plage au coucher du soleil",
+            "ein Hund, der bei Sonnenuntergang am Strand läuft", "IMG_2041", None, "海滩上奔跑的狗"]
+
+
+def _rows(captions, status="success") -> pa.Table:
+    n = len(captions)
+    return pa.table({"key": [f"0000_{i:09d}" for i in range(n)], "caption": pa.array(captions, pa.string()),
+                     "status": [status] * n, "error_message": pa.nulls(n, pa.string())})
+
+
+def test_langid_detects_languages_and_applies_the_recipe_choice():
+    out = LangIdStage(LangIdConfig(enabled=True))(_rows(CAPTIONS))
+    langs = out.column("web_lang").to_pylist()
+    assert langs[:3] == ["en", "fr", "de"] and langs[4] is None and langs[5] == "zh"
+    probs = out.column("web_lang_prob").to_pylist()
+    assert probs[0] > 0.5 and probs[1] > 0.9 and probs[4] is None
+    # drop_web_caption (default): fr/de/zh unusable; the uncertain 'IMG_2041' stays usable unless confidently other
+    ok = out.column("web_lang_ok").to_pylist()
+    assert ok[0] is True and ok[1] is False and ok[2] is False and ok[4] is None and ok[5] is False
+    assert out.column("status").to_pylist() == ["success"] * 6
+    keep = LangIdStage(LangIdConfig(enabled=True, other="keep"))(_rows(CAPTIONS))
+    assert keep.column("web_lang_ok").to_pylist() == [True, True, True, True, None, True]
+    drop = LangIdStage(LangIdConfig(enabled=True, other="drop_row"))(_rows(CAPTIONS))
+    st = drop.column("status").to_pylist()
+    assert st[0] == "success" and st[1] == st[2] == st[5] == "wrong_language" and st[4] == "success"
+    assert "'fr'" in drop.column("error_message")[1].as_py()
+    fr_ok = LangIdStage(LangIdConfig(enabled=True, languages=["en", "fr"]))(_rows(CAPTIONS))
+    assert fr_ok.column("web_lang_ok").to_pylist()[:3] == [True, True, False]
+    assert LangIdStage.stats(out)["web_captions_unusable"] == 3
+
+
+def test_an_unusable_web_caption_is_not_selected():
+    t = LangIdStage(LangIdConfig(enabled=True))(_rows(CAPTIONS[:2]))
+    t = t.append_column("synthetic_captions", pa.array([["a dog"], ["a dog on sand"]]))
+    t = t.append_column("web_itm", pa.array([0.9, 0.9], pa.float32()))
+    t = t.append_column("synthetic_itm", pa.array([[0.8], [0.7]], pa.list_(pa.float32())))
+    out = SelectStage(load_pipeline("blip").select)(t)
+    assert out.column("caption_sources").to_pylist() == [["web", "synthetic"], ["synthetic"]]
+
+
+def _jpeg(im: Image.Image, size: int | None = None, quality: int = 90) -> bytes:
+    if size:
+        im = im.resize((size, size * im.height // im.width))
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_blocklist_lists_are_checked_before_work(tmp_path):
+    (tmp_path / "bad.txt").write_text("sha256:abc\n")
+    with pytest.raises(InputError, match=r"bad.txt line 1"):
+        BlocklistStage.build(load_pipeline("download", {"blocklist.enabled": True,
+                                                        "blocklist.lists": [str(tmp_path / "bad.txt")]}), None)
+    with pytest.raises(ConfigError, match="blocklist.lists is empty"):
+        load_pipeline("download", {"blocklist.enabled": True})
+
+
+def test_blocklist_blocks_exactly_the_listed_photos_before_the_models(tmp_path):
+    """3 COCO photos on lists (one by sha256 of its stored bytes, two by PDQ of the original, one of
+    which arrives re-encoded and resized); every other photo passes; blocked rows keep no bytes."""
+    photos = [Image.open(p) for p in COCO[:12]]
+    served = {f"p{i}.jpg": _jpeg(im) for i, im in enumerate(photos)}
+    served["p2.jpg"] = _jpeg(photos[2], size=300, quality=55)  # a re-encoded, resized copy of a listed photo
+    srv = ImageServer()
+    for name, body in served.items():
+        srv.add_route(f"/{name}", lambda req, body=body: srv._send(req, 200, body, "image/jpeg"))
+    with srv:
+        urls = [srv.url(n) for n in served]
+        pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), tmp_path / "in.parquet")
+        first = run(RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "plain"), pipeline="download",
+                               executor="local", progress=False, overrides={"download.allow_private_network": True}))
+        stored = {r["url"]: r["sha256"] for r in pq.read_table(tmp_path / "plain").to_pylist()}
+        assert first.totals["success"] == 12
+        (tmp_path / "csam-hashes.txt").write_text(f"# test list\nsha256:{stored[urls[0]]}\n")
+        (tmp_path / "takedowns.txt").write_text(f"pdq:{pdq_hex(_jpeg(photos[1]))}\npdq:{pdq_hex(_jpeg(photos[2]))}\n"
+                                                f"url_sha256:{sha256_hex(b'http://example.com/never')}\n")
+        res = run(RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "out"), pipeline="download",
+                             executor="local", progress=False,
+                             overrides={"download.allow_private_network": True, "blocklist.enabled": True,
+                                        "blocklist.lists": [str(tmp_path / "csam-hashes.txt"),
+                                                            str(tmp_path / "takedowns.txt")]}))
+    rows = {r["url"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    blocked = {u for u, r in rows.items() if r["status"] == "blocked_content"}
+    assert blocked == set(urls[:3]) and res.totals["blocked_content"] == 3
+    assert rows[urls[0]]["error_message"] == "on blocklist 'csam-hashes' (sha256)"
+    assert rows[urls[2]]["error_message"].startswith("on blocklist 'takedowns' (pdq distance ")
+    assert all(rows[u]["image"] is None for u in blocked)
+    assert all(rows[u]["status"] == "success" and rows[u]["image"] for u in urls[3:])
+
+
+def test_url_hash_list_blocks_by_url():
+    url = "http://127.0.0.1:9/secret.jpg"
+    stage = BlocklistStage(BlocklistConfig())
+
+    stage._lists = Blocklists(exact={"sha256": {}, "url_sha256": {hashlib.sha256(url.encode()).hexdigest(): "urls"}})
+    assert stage.match(url, b"", None) == "on blocklist 'urls' (url_sha256)"
+    assert stage.match(url + "x", b"", None) is None
