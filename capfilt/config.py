@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -42,15 +42,21 @@ class InputConfig(Strict):
     """How input metadata is read (img2dataset's ``--url_col`` / ``--caption_col`` semantics).
 
     ``url_col`` / ``caption_col`` of ``None`` mean: find them case-insensitively among
-    ``url``/``URL``/``image_url`` and ``caption``/``TEXT``/``txt``/``text``.
+    ``url``/``URL``/``image_url`` and ``caption``/``TEXT``/``txt``/``text`` (in a CSV/TSV without
+    a header row: the URL column is the first whose first cell is an http(s) URL, the caption the
+    first other column). A column is named by its header name or by its 0-based position (an int,
+    or a string of digits that is no column's name): ``url_col=1, caption_col=0`` reads CC3M's
+    headerless ``caption<TAB>url`` TSV.
     ``keep_columns`` of ``None`` passes every other input column through; a list passes only those.
+    ``csv_header``: whether CSV/TSV files start with a header row; ``auto`` says yes unless a cell
+    of the first row is an http(s) URL (then the first row is data).
     """
 
     input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt", "coco"] = "auto"
-    url_col: str | None = None
-    caption_col: str | None = None
+    url_col: str | Annotated[int, Field(ge=0)] | None = None
+    caption_col: str | Annotated[int, Field(ge=0)] | None = None
     keep_columns: list[str] | None = None
-    csv_header: bool = True
+    csv_header: Literal["auto"] | bool = "auto"
 
 
 class DownloadConfig(Strict):
