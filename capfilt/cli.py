@@ -98,10 +98,12 @@ def run(
     from capfilt.api import RunOptions
     from capfilt.api import run as api_run
 
-    from capfilt.config import parse_override
+    from capfilt.config import PipelineConfig, parse_override
 
-    # --set values are YAML (the user typed them as text); flag values are already typed
-    overrides: dict[str, Any] = {".".join(path): value for path, value in map(parse_override, set_ or [])}
+    # --set values are YAML, except that text fields keep the text as typed (parse_override);
+    # named flags are typed by typer and go to the recipe as they are, never through YAML
+    overrides: dict[str, Any] = {".".join(path): value
+                                 for path, value in (parse_override(s, PipelineConfig) for s in set_ or [])}
     flags = {"input.url_col": url_col, "input.caption_col": caption_col,
              "input.input_format": None if input_format is None else input_format.value,
              "input.csv_header": None if csv_header is None else {"auto": "auto", "true": True,

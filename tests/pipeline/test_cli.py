@@ -108,3 +108,15 @@ def test_help_documents_input_format_and_header_options():
     for needle in ("--input-format", "auto|parquet|csv|tsv|jsonl|txt|coco", "--csv-header", "auto|true|false",
                    "0-based position", "caption<TAB>url"):
         assert needle in text, needle
+
+
+def test_flags_are_values_and_set_names_the_override(tmp_path, served_input):
+    """``--caption-col null`` is a column named "null" (not auto-detection); a bad ``--set`` is named."""
+    inp, _ = served_input
+    r = _capfilt("run", "-i", str(inp), "-o", str(tmp_path / "o"), "--pipeline", "download", "--caption-col", "null")
+    _assert_one_message(r, "--caption-col 'null' was not found", "url, caption")
+    r = _capfilt("run", "-i", str(inp), "-o", str(tmp_path / "o"), "--set", "caption.num_captions=yes")
+    _assert_one_message(r, "with overrides caption.num_captions", "caption.num_captions='yes'")
+    r = _capfilt("run", "-i", str(inp), "-o", str(tmp_path / "o"), "--set", "download.encode_format=png")
+    _assert_one_message(r, "download.encode_format=png", "download.encode_quality", "0-9")
+    assert not (tmp_path / "o").exists()
