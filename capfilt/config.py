@@ -61,6 +61,14 @@ class InputConfig(Strict):
     csv_header: Literal["auto"] | bool = "auto"
 
 
+#: Default ``download.min_image_size`` (pixels, shorter side, before resizing). Smaller images are
+#: ``too_small``: a 1x1 tracking pixel or a 16-px icon, upscaled to the models' 384 px, is noise in
+#: the captioner's input and the filter's. BLIP (Li et al. 2022, §4.1 footnote) downloaded only images
+#: whose shorter edge exceeds 256 px; capfilt's default is lower so that thumbnails (COCO's 320x240
+#: previews, 64-px toy worlds) still run, and ``download.min_image_size=257`` matches BLIP.
+MIN_IMAGE_SIZE = 64
+
+
 class DownloadConfig(Strict):
     """Fetching and resizing (img2dataset's downloader/resizer options, same names where they exist).
 
@@ -72,7 +80,9 @@ class DownloadConfig(Strict):
         max_redirects: redirects followed per request (loops end here).
         image_size: target size in pixels (BLIP's processor uses 384).
         resize_mode: img2dataset's ``no`` | ``keep_ratio`` | ``center_crop`` | ``border`` | ``keep_ratio_largest``.
-        min_image_size: shorter side below this (pixels, before resize) gives ``too_small``.
+        min_image_size: shorter side below this (pixels, before resize) gives ``too_small``; by
+            default :data:`MIN_IMAGE_SIZE`, so tracking pixels, spacers and icons never reach the
+            models (BLIP §4.1 kept only images whose shorter side exceeds 256 px: set 257 to match).
         max_image_pixels: width*height above this (read from the header, before decoding) gives ``too_large``.
         max_aspect_ratio: long/short side above this gives ``too_large`` (``None``: no limit).
         encode_format / encode_quality: stored image format (img2dataset's ``jpg``|``png``|``webp``).
@@ -92,7 +102,7 @@ class DownloadConfig(Strict):
     image_size: int = Field(384, ge=8)
     resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "keep_ratio"
     resize_only_if_bigger: bool = False
-    min_image_size: int = Field(0, ge=0)
+    min_image_size: int = Field(MIN_IMAGE_SIZE, ge=0)
     max_image_pixels: int = Field(89_478_485, gt=0)  # Pillow's default decompression-bomb limit
     max_aspect_ratio: float | None = Field(None, ge=1)  # long/short >= 1; None: no limit (run.json stays strict JSON)
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
