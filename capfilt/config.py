@@ -242,6 +242,10 @@ class OutputConfig(Strict):
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
 
+#: An actor or task count: an int >= 1.
+PositiveCount = Annotated[int, Field(ge=1)]
+
+
 class StageResources(Strict):
     """Ray resources of one stage: per task/actor CPUs and GPUs, and how many run at once.
 
@@ -261,7 +265,7 @@ class StageResources(Strict):
 
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float | Literal["auto"] = 0.0
-    concurrency: Annotated[int, Field(ge=1)] | tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None
+    concurrency: PositiveCount | tuple[PositiveCount, PositiveCount] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "StageResources":
