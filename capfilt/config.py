@@ -421,26 +421,38 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _model_in(ann: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The config model inside an annotation (``X``, ``X | None``, ``list[X]``, ``dict[str, X]``)
+    and whether it sits in a container (the next location part is then an index or a key)."""
+    members = get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,)
+    for m in members:
+        if isinstance(m, type) and issubclass(m, BaseModel):
+            return m, False
+        if get_origin(m) in (list, dict):
+            inner = [a for a in get_args(m) if isinstance(a, type) and issubclass(a, BaseModel)]
+            return (inner[0] if inner else None), True
+    return None, False
+
+
 def _field_loc(loc: tuple, model: type[BaseModel] | None) -> str:
     """The dotted key of a pydantic error location, without the union-member tags pydantic adds
     (``input.url_col.constrained-int`` -> ``input.url_col``) when ``model`` is known."""
-    parts = [str(x) for x in loc]
     if model is None:
-        return ".".join(parts)
-    keep, ann = [], model
+        return ".".join(str(x) for x in loc)
+    keep: list[str] = []
+    ann: type[BaseModel] | None = model
+    in_container = False
     for x in loc:
-        fields = getattr(ann, "model_fields", None)
-        if fields is not None and x in fields:
+        if in_container:  # a list index or a dict key
             keep.append(str(x))
-            ann = fields[x].annotation
-            sub = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-            ann = ann if isinstance(ann, type) else (sub[0] if sub else None)
-        elif isinstance(x, int) or fields is not None:
-            keep.append(str(x))  # a list index, or an unknown key of a section
-            if fields is not None:
-                break
-        else:
-            break
+            in_container = False
+            continue
+        if ann is None:
+            break  # past a leaf field: what follows names union members, not keys
+        keep.append(str(x))
+        if x not in ann.model_fields:
+            break  # an unknown key
+        ann, in_container = _model_in(ann.model_fields[x].annotation)
     return ".".join(keep)
 
 
@@ -460,7 +472,8 @@ def format_validation(err: ValidationError, where: str, overrides: dict[str, Any
             problems[loc].append(msg)
     lines = [f"{where}: invalid configuration"]
     for loc, msgs in problems.items():
-        src = next((k for k in (overrides or {}) if loc == k or loc.startswith(k + ".")), None)
+        src = next((k for k in (overrides or {})
+                    if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")), None)
         tail = f" (from the override {src}={overrides[src]!r})" if src is not None else ""
         lines.append(f"  {loc}: {'; or '.join(msgs)}{tail}")
     return "\n".join(lines)
