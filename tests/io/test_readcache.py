@@ -55,3 +55,16 @@ def test_budget_drops_oldest_but_keeps_newest():
     assert cache.get("a", lambda: pa.table({"x": [0]})) is a and cache.loads == 1
     cache.get("b", lambda: pa.table({"x": [4]}))
     assert len(cache) == 1 and cache.get("b", lambda: pa.table({"x": [0]})).column("x").to_pylist() == [4]
+
+
+def test_shards_across_row_group_boundaries_read_the_same_rows(tmp_path):
+    """Row groups of 7, shards of 5: every shard spans one or two groups; keys and values as a plain read."""
+    t = pa.table({"url": [f"http://x/{i}.jpg" for i in range(40)], "caption": [f"c{i}" for i in range(40)]})
+    pq.write_table(t, tmp_path / "a.parquet", row_group_size=7)
+    (f,) = inspect_inputs([str(tmp_path / "a.parquet")], InputConfig())
+    stage = ReadStage([f])
+    specs = [ShardSpec(i, 0, s, min(s + 5, 40)) for i, s in enumerate(range(0, 40, 5))]
+    got = pa.concat_tables([stage(specs_table([s])) for s in specs])
+    assert got.column("key").to_pylist() == [f"0000_{i:09d}" for i in range(40)]
+    assert got.column("caption").to_pylist() == t.column("caption").to_pylist()
+    assert stage._cache.loads == 6  # each of the 6 row groups decoded once
