@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -26,6 +27,26 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
+class InputFormat(str, Enum):
+    """Values of ``--input-format`` (``input.input_format`` in the recipe)."""
+
+    auto = "auto"
+    parquet = "parquet"
+    csv = "csv"
+    tsv = "tsv"
+    jsonl = "jsonl"
+    txt = "txt"
+    coco = "coco"
+
+
+class CsvHeader(str, Enum):
+    """Values of ``--csv-header`` (``input.csv_header``: ``auto``, ``true``, ``false``)."""
+
+    auto = "auto"
+    true = "true"
+    false = "false"
+
+
 def _fail(e: Exception) -> None:
     err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -41,11 +62,22 @@ def run(
                                                   "YAML path; default: the recipe's.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe value: "
                                                       "section.key=value, e.g. caption.num_captions=10.")] = None,
-    url_col: Annotated[Optional[str], typer.Option(help="URL column (default: url/URL/image_url).")] = None,
-    caption_col: Annotated[Optional[str], typer.Option(help="Caption column (default: caption/TEXT/txt/text).")] = None,
+    url_col: Annotated[Optional[str], typer.Option(help="URL column: its name, or its 0-based position (e.g. 1 "
+                                                   "for CC3M's headerless caption<TAB>url TSV). Default: "
+                                                   "url/URL/image_url; in a file without a header, the "
+                                                   "column whose first cell is an http(s) URL.")] = None,
+    caption_col: Annotated[Optional[str], typer.Option(help="Caption column: name or 0-based position (default: "
+                                                       "caption/TEXT/txt/text; without a header, the first "
+                                                       "column that is not the URL).")] = None,
     keep_columns: Annotated[Optional[str], typer.Option(help="Comma-separated input columns to pass through "
                                                         "(default: all).")] = None,
-    input_format: Annotated[Optional[str], typer.Option(help="auto|parquet|csv|tsv|jsonl|txt")] = None,
+    input_format: Annotated[Optional[InputFormat], typer.Option(
+        help="Input format; auto (default) goes by suffix: .parquet .csv .tsv .jsonl/.json/.ndjson .txt "
+             "(one URL per line), COCO captions_*.json.")] = None,
+    csv_header: Annotated[Optional[CsvHeader], typer.Option(
+        help="Whether CSV/TSV files start with a header row. auto (default): yes, unless a cell of the "
+             "first row is an http(s) URL. Without a header, columns are named col0, col1, ... and "
+             "--url-col/--caption-col take positions.")] = None,
     rows_per_shard: Annotated[Optional[int], typer.Option(help="Input rows per output shard.")] = None,
     num_captions: Annotated[Optional[int], typer.Option(help="Synthetic captions per image.")] = None,
     itm_threshold: Annotated[Optional[float], typer.Option(help="Keep texts with ITM probability >= this.")] = None,
@@ -67,11 +99,16 @@ def run(
     from capfilt.api import RunOptions
     from capfilt.api import run as api_run
 
-    from capfilt.config import parse_override
+    from capfilt.config import PipelineConfig, parse_override
 
-    # --set values are YAML (the user typed them as text); flag values are already typed
-    overrides: dict[str, Any] = {".".join(path): value for path, value in map(parse_override, set_ or [])}
-    flags = {"input.url_col": url_col, "input.caption_col": caption_col, "input.input_format": input_format,
+    # --set values are YAML, except that text fields keep the text as typed (parse_override);
+    # named flags are typed by typer and go to the recipe as they are, never through YAML
+    overrides: dict[str, Any] = {".".join(path): value
+                                 for path, value in (parse_override(s, PipelineConfig) for s in set_ or [])}
+    flags = {"input.url_col": url_col, "input.caption_col": caption_col,
+             "input.input_format": None if input_format is None else input_format.value,
+             "input.csv_header": None if csv_header is None else {"auto": "auto", "true": True,
+                                                                  "false": False}[csv_header.value],
              "output.rows_per_shard": rows_per_shard, "caption.num_captions": num_captions,
              "select.itm_threshold": itm_threshold, "select.top_k": top_k, "download.timeout": timeout,
              "input.keep_columns": None if keep_columns is None else [c.strip() for c in keep_columns.split(",")

@@ -10,8 +10,10 @@ Units: seconds for times, pixels for sizes, bytes for byte sizes.
 from __future__ import annotations
 
 import copy
+import datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -42,15 +44,29 @@ class InputConfig(Strict):
     """How input metadata is read (img2dataset's ``--url_col`` / ``--caption_col`` semantics).
 
     ``url_col`` / ``caption_col`` of ``None`` mean: find them case-insensitively among
-    ``url``/``URL``/``image_url`` and ``caption``/``TEXT``/``txt``/``text``.
+    ``url``/``URL``/``image_url`` and ``caption``/``TEXT``/``txt``/``text`` (in a CSV/TSV without
+    a header row: the URL column is the first whose first cell is an http(s) URL, the caption the
+    first other column). A column is named by its header name or by its 0-based position (an int,
+    or a string of digits that is no column's name): ``url_col=1, caption_col=0`` reads CC3M's
+    headerless ``caption<TAB>url`` TSV.
     ``keep_columns`` of ``None`` passes every other input column through; a list passes only those.
+    ``csv_header``: whether CSV/TSV files start with a header row; ``auto`` says yes unless a cell
+    of the first row is an http(s) URL (then the first row is data).
     """
 
     input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt", "coco"] = "auto"
-    url_col: str | None = None
-    caption_col: str | None = None
+    url_col: str | Annotated[int, Field(ge=0)] | None = None
+    caption_col: str | Annotated[int, Field(ge=0)] | None = None
     keep_columns: list[str] | None = None
-    csv_header: bool = True
+    csv_header: Literal["auto"] | bool = "auto"
+
+
+#: Default ``download.min_image_size`` (pixels, shorter side, before resizing). Smaller images are
+#: ``too_small``: a 1x1 tracking pixel or a 16-px icon, upscaled to the models' 384 px, is noise in
+#: the captioner's input and the filter's. BLIP (Li et al. 2022, §4.1 footnote) downloaded only images
+#: whose shorter edge exceeds 256 px; capfilt's default is lower so that thumbnails (COCO's 320x240
+#: previews, 64-px toy worlds) still run, and ``download.min_image_size=257`` matches BLIP.
+MIN_IMAGE_SIZE = 64
 
 
 class DownloadConfig(Strict):
@@ -64,7 +80,9 @@ class DownloadConfig(Strict):
         max_redirects: redirects followed per request (loops end here).
         image_size: target size in pixels (BLIP's processor uses 384).
         resize_mode: img2dataset's ``no`` | ``keep_ratio`` | ``center_crop`` | ``border`` | ``keep_ratio_largest``.
-        min_image_size: shorter side below this (pixels, before resize) gives ``too_small``.
+        min_image_size: shorter side below this (pixels, before resize) gives ``too_small``; by
+            default :data:`MIN_IMAGE_SIZE`, so tracking pixels, spacers and icons never reach the
+            models (BLIP §4.1 kept only images whose shorter side exceeds 256 px: set 257 to match).
         max_image_pixels: width*height above this (read from the header, before decoding) gives ``too_large``.
         max_aspect_ratio: long/short side above this gives ``too_large`` (``None``: no limit).
         encode_format / encode_quality: stored image format (img2dataset's ``jpg``|``png``|``webp``).
@@ -84,13 +102,32 @@ class DownloadConfig(Strict):
     image_size: int = Field(384, ge=8)
     resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "keep_ratio"
     resize_only_if_bigger: bool = False
-    min_image_size: int = Field(0, ge=0)
+    min_image_size: int = Field(MIN_IMAGE_SIZE, ge=0)
     max_image_pixels: int = Field(89_478_485, gt=0)  # Pillow's default decompression-bomb limit
-    max_aspect_ratio: float | None = Field(None, gt=0)  # None: no limit (run.json stays strict JSON)
+    max_aspect_ratio: float | None = Field(None, ge=1)  # long/short >= 1; None: no limit (run.json stays strict JSON)
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=0, le=100)
     allow_private_network: bool = False
     allow_file_urls: bool = False
+
+    #: ``encode_quality`` range per ``encode_format`` (OpenCV's IMWRITE_JPEG_QUALITY 0-100,
+    #: IMWRITE_PNG_COMPRESSION 0-9 (a compression level, not a quality), IMWRITE_WEBP_QUALITY 1-100).
+    QUALITY_RANGES: ClassVar[dict[str, tuple[int, int, str]]] = {
+        "jpg": (0, 100, "JPEG quality"), "png": (0, 9, "PNG compression level"), "webp": (1, 100, "WebP quality")}
+
+    @model_validator(mode="after")
+    def _check(self) -> "DownloadConfig":
+        lo, hi, what = self.QUALITY_RANGES[self.encode_format]
+        if not lo <= self.encode_quality <= hi:
+            raise ValueError(f"download.encode_format={self.encode_format} reads download.encode_quality as the "
+                             f"{what} ({lo}-{hi}), but it is {self.encode_quality}; set both, e.g. "
+                             f"--set download.encode_format={self.encode_format} --set "
+                             f"download.encode_quality={hi if self.encode_format != 'png' else 6}")
+        if self.min_image_size ** 2 > self.max_image_pixels:
+            raise ValueError(f"download.min_image_size={self.min_image_size} asks for at least "
+                             f"{self.min_image_size ** 2} pixels but download.max_image_pixels="
+                             f"{self.max_image_pixels} refuses more than that: every image would be refused")
+        return self
 
 
 class CaptionConfig(Strict):
@@ -161,6 +198,13 @@ class SelectConfig(Strict):
     include_web: bool = True
     include_synthetic: bool = True
 
+    @model_validator(mode="after")
+    def _check(self) -> "SelectConfig":
+        if not (self.include_web or self.include_synthetic):
+            raise ValueError("select.include_web and select.include_synthetic are both false: no text could be "
+                             "kept and every row would be dropped; set one of them to true")
+        return self
+
     def thresholds(self) -> dict[str, float]:
         """The thresholds that are set, as ``{scorer: threshold}``."""
         t = {"itm": self.itm_threshold, "itc": self.itc_threshold, "clip": self.clip_threshold}
@@ -182,6 +226,13 @@ class DedupConfig(Strict):
     exact: bool = True
     near: bool = False
     near_threshold: float = Field(0.95, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DedupConfig":
+        if self.enabled and not (self.exact or self.near):
+            raise ValueError("dedup.enabled is true but dedup.exact and dedup.near are both false: nothing "
+                             "would be deduplicated; enable one of them, or set dedup.enabled=false")
+        return self
 
 
 class LangIdConfig(Strict):
@@ -226,6 +277,10 @@ class OutputConfig(Strict):
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
 
+#: An actor or task count: an int >= 1.
+PositiveCount = Annotated[int, Field(ge=1)]
+
+
 class StageResources(Strict):
     """Ray resources of one stage: per task/actor CPUs and GPUs, and how many run at once.
 
@@ -245,7 +300,13 @@ class StageResources(Strict):
 
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float | Literal["auto"] = 0.0
-    concurrency: int | tuple[int, int] | None = None
+    concurrency: PositiveCount | tuple[PositiveCount, PositiveCount] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageResources":
+        if isinstance(self.concurrency, tuple) and self.concurrency[0] > self.concurrency[1]:
+            raise ValueError(f"concurrency [min, max] = {list(self.concurrency)}: min is above max")
+        return self
 
 
 class ResourcesConfig(Strict):
@@ -286,11 +347,20 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
+        """Settings of different sections that only make sense together (checked before any work)."""
         if self.source == "metadata" and self.score.enabled:
             missing = self.select.scorers_needed() - set(self.score.scorers)
             if missing:
                 raise ValueError(f"select uses scorer(s) {sorted(missing)} that score.scorers "
                                  f"{self.score.scorers} does not compute; add them to score.scorers")
+        if self.source == "metadata" and not self.download.enabled:
+            need = [f"{sec}.enabled" for sec in ("caption", "score", "dedup") if getattr(self, sec).enabled]
+            if need:
+                raise ValueError(f"download.enabled is false but {', '.join(need)} is true: those stages need the "
+                                 f"downloaded images; enable download or disable them")
+        if self.source == "metadata" and not self.caption.enabled and not self.select.include_web:
+            raise ValueError("select.include_web is false and caption.enabled is false: there are no synthetic "
+                             "captions, so no text could be kept; set select.include_web=true or enable caption")
         return self
 
     def fingerprint(self) -> dict[str, Any]:
@@ -390,14 +460,61 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def format_validation(err: ValidationError, where: str) -> str:
-    """One line per problem of ``err`` (``section.key: why``; extra keys say ``unknown key``), under
-    a first line naming ``where`` (e.g. ``pipeline pipelines/blip.yaml``)."""
-    lines = [f"{where}: invalid configuration"]
+def _model_in(ann: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The config model inside an annotation (``X``, ``X | None``, ``list[X]``, ``dict[str, X]``)
+    and whether it sits in a container (the next location part is then an index or a key)."""
+    members = get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,)
+    for m in members:
+        if isinstance(m, type) and issubclass(m, BaseModel):
+            return m, False
+        if get_origin(m) in (list, dict):
+            inner = [a for a in get_args(m) if isinstance(a, type) and issubclass(a, BaseModel)]
+            return (inner[0] if inner else None), True
+    return None, False
+
+
+def _field_loc(loc: tuple, model: type[BaseModel] | None) -> str:
+    """The dotted key of a pydantic error location, without the union-member tags pydantic adds
+    (``input.url_col.constrained-int`` -> ``input.url_col``) when ``model`` is known."""
+    if model is None:
+        return ".".join(str(x) for x in loc)
+    keep: list[str] = []
+    ann: type[BaseModel] | None = model
+    in_container = False
+    for x in loc:
+        if in_container:  # a list index or a dict key
+            keep.append(str(x))
+            in_container = False
+            continue
+        if ann is None:
+            break  # past a leaf field: what follows names union members, not keys
+        keep.append(str(x))
+        if x not in ann.model_fields:
+            break  # an unknown key
+        ann, in_container = _model_in(ann.model_fields[x].annotation)
+    return ".".join(keep)
+
+
+def format_validation(err: ValidationError, where: str, overrides: dict[str, Any] | None = None,
+                      model: type[BaseModel] | None = None) -> str:
+    """One line per invalid key of ``err`` (``section.key: why``; extra keys say ``unknown key``),
+    under a first line naming ``where`` (e.g. ``pipeline pipelines/blip.yaml``). A key set by an
+    override (``overrides``: ``{"section.key": value}``) names the override and its value; the
+    alternatives of a union field (``str | int``) are joined on one line when ``model`` is given."""
+    problems: dict[str, list[str]] = {}
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        loc = _field_loc(e["loc"], model) or "(top level)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {loc}: {msg}")
+        if e["type"] == "value_error" and "error" in e.get("ctx", {}):
+            msg = str(e["ctx"]["error"])  # our own validators' sentences, without "Value error, "
+        if msg not in problems.setdefault(loc, []):
+            problems[loc].append(msg)
+    lines = [f"{where}: invalid configuration"]
+    for loc, msgs in problems.items():
+        src = next((k for k in (overrides or {})
+                    if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")), None)
+        tail = f" (from the override {src}={overrides[src]!r})" if src is not None else ""
+        lines.append(f"  {loc}: {'; or '.join(msgs)}{tail}")
     return "\n".join(lines)
 
 
@@ -415,11 +532,34 @@ def validate(cls: type[S], data: dict[str, Any], where: str) -> S:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation(e, where)) from None
+        raise ConfigError(format_validation(e, where, model=cls)) from None
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``section.key=value`` (value parsed as YAML: ``0.9``, ``true``, ``[itm, clip]``, ``null``).
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def _leaf_types(model: type[BaseModel] | None, path: list[str]) -> tuple[Any, ...] | None:
+    """The plain types a recipe key accepts (``(str, int, NoneType)`` for ``str | int | None``),
+    or ``None`` when ``path`` names no field of ``model`` (validation will say so)."""
+    ann: Any = model
+    for k in path:
+        fields = getattr(ann, "model_fields", None)
+        if not fields or k not in fields:
+            return None
+        ann = fields[k].annotation
+    out = []
+    for a in (get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,)):
+        out.append(get_args(a)[0] if get_origin(a) is Annotated else a)
+    return tuple(out)
+
+
+def parse_override(text: str, model: type[BaseModel] | None = None) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``: the value as YAML (``0.9``, ``true``, ``[itm, clip]``, ``null``).
+
+    With ``model`` (e.g. :class:`PipelineConfig`), a key whose field takes text keeps the text as
+    typed: ``input.caption_col=text #1`` is ``"text #1"`` (YAML would cut a comment), ``yes`` and
+    ``2024-01-01`` stay strings; only ``null``/``~`` (when the field allows none), a quoted YAML
+    string, and an integer for a field that also takes integers are parsed.
 
     Raises:
         ConfigError: if there is no ``=`` or the key is empty.
@@ -434,13 +574,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
+    types = _leaf_types(model, path) if model is not None else None
+    if types is not None and isinstance(parsed, (bool, datetime.date)) and type(parsed) not in types:
+        return path, value.strip()  # YAML 1.1's yes/no/on/off and dates: validated as the text typed
+    if types is not None and str in types:
+        raw = value.strip()
+        if raw in _YAML_NULLS and type(None) in types:
+            return path, None
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"" and isinstance(parsed, str)
+        if quoted or (isinstance(parsed, int) and not isinstance(parsed, bool) and int in types):
+            return path, parsed
+        return path, raw
     return path, parsed
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of ``data`` with ``section.key=value`` overrides applied (nested keys created)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any],
+                    model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``section.key=value`` overrides applied (nested keys created).
+
+    ``overrides`` are strings (parsed by :func:`parse_override` against ``model``) or a dict of
+    dotted keys to typed values, used as given.
+    """
     out = copy.deepcopy(data)
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o, model) for o in overrides]
     for path, value in items:
         if isinstance(path, str):
             path = path.split(".")
@@ -455,6 +611,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     return out
 
 
+def _override_keys(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """``{"section.key": value}`` of the overrides, for error messages."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return {k if isinstance(k, str) else ".".join(k): v for k, v in overrides.items()}
+    return {".".join(p): v for p, v in (parse_override(o, PipelineConfig) for o in overrides)}
+
+
 def load_pipeline(name_or_path: str = "blip", overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
     """Load a recipe by bundled name (``blip``, ``blip2``, ``download``, ``refilter``) or YAML path.
 
@@ -466,8 +631,13 @@ def load_pipeline(name_or_path: str = "blip", overrides: list[str] | dict[str, A
         ConfigError: unknown recipe, invalid YAML, unknown keys or invalid values (message lists each).
     """
     path = _resolve_yaml(name_or_path, "pipelines")
-    data = apply_overrides(load_yaml(path), overrides or [])
-    return validate(PipelineConfig, data, f"pipeline {path}")
+    data = apply_overrides(load_yaml(path), overrides or [], PipelineConfig)
+    over = _override_keys(overrides)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        where = f"pipeline {path}" + (" with overrides " + ", ".join(over) if over else "")
+        raise ConfigError(format_validation(e, where, over, PipelineConfig)) from None
 
 
 def load_preset(name_or_path: str = "blip-large") -> ModelPreset:

@@ -86,6 +86,13 @@ SHAPES_DEMO_ROWS = 200
 SHAPES_DEMO_SEED = 2026
 
 
+def shapes_image_size() -> int:
+    """Side of the shapes world's images in pixels (its recipes' ``download.min_image_size``)."""
+    from capfilt.synthetic.world import IMAGE_SIZE
+
+    return IMAGE_SIZE
+
+
 def run_demo(output: Path, models: str | None = None, pipeline: str = "blip", overwrite: bool = True,
              console: Console | None = None, progress: bool = True, world: str = "shapes",
              rows: int = SHAPES_DEMO_ROWS):
@@ -125,10 +132,12 @@ def run_demo(output: Path, models: str | None = None, pipeline: str = "blip", ov
             else:
                 inp = write_demo_input(tmp / "demo.parquet", base)
                 console.print(f"serving {len(DEMO_ROWS)} demo rows from {base} (bundled CC0/public-domain photos)")
+            # the shapes world's images are IMAGE_SIZE (64) px: its floor is set here, not left to the default
+            floor = [f"download.min_image_size={shapes_image_size()}"] if shapes else []
             result = run(RunOptions(inputs=[str(inp)], output=str(output), pipeline=pipeline, models=models,
                                     overrides=["download.allow_private_network=true",
                                                f"output.rows_per_shard={100 if shapes else 4}",
-                                               "download.timeout=5"],
+                                               "download.timeout=5", *floor],
                                     overwrite=overwrite, progress=progress))
         finally:
             httpd.shutdown()

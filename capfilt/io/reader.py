@@ -12,9 +12,11 @@ that file, both 0-based), so keys are unique in a run and the same on every reru
 
 from __future__ import annotations
 
-import functools
+import csv
 import io
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -26,6 +28,7 @@ import pyarrow.parquet as pq
 from capfilt.config import InputConfig
 from capfilt.errors import InputError
 from capfilt.io.filesystem import Location, locate
+from capfilt.io.readcache import ReadCache
 from capfilt.schema import CONTRACT_COLUMNS, DROPPED_INPUT_COLUMNS
 
 URL_ALIASES = ("url", "image_url", "img_url", "imageurl", "link")
@@ -33,6 +36,11 @@ CAPTION_ALIASES = ("caption", "text", "txt", "alt", "alt_text", "alttext", "titl
 SUFFIX_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
                   ".ndjson": "jsonl", ".txt": "txt"}
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+URL_PREFIXES = ("http://", "https://")
+#: Rows of the URL column sampled at inspection for the "mostly not URLs" warning.
+URL_SAMPLE_ROWS = 1000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,10 +103,11 @@ def discover(inputs: list[str], input_format: str = "auto") -> list[Location]:
         found.extend(sorted(files, key=lambda x: x.path))
     seen: dict[str, str] = {}
     for loc in found:
-        if loc.path in seen:
-            raise InputError(f"input file {loc.uri} is given twice (also as {seen[loc.path]}); every row would be "
-                             f"processed twice. Name each file or folder once.")
-        seen[loc.path] = loc.uri
+        ident = os.path.realpath(loc.path) if loc.is_local else loc.path  # symlinks, ./a/../b spellings
+        if ident in seen:
+            raise InputError(f"input file {loc.uri} is given twice (also as {seen[ident]}; both are {ident}); "
+                             f"every row would be processed twice. Name each file or folder once.")
+        seen[ident] = loc.uri
     return found
 
 
@@ -161,9 +170,8 @@ def _read_bytes(loc: Location) -> bytes:
         return f.read()
 
 
-@functools.lru_cache(maxsize=4)
 def _read_text_table(uri: str, fmt: str, has_header: bool) -> pa.Table:
-    """Parse a whole text-format file (cached per process: shards of one file share the parse)."""
+    """Parse a whole text-format file (no cache here: :func:`read_rows` takes a run's :class:`ReadCache`)."""
     loc = locate(uri)
     data = _read_bytes(loc)
     try:
@@ -207,27 +215,50 @@ def _read_text_table(uri: str, fmt: str, has_header: bool) -> pa.Table:
     except pa.ArrowInvalid as e:
         raise InputError(f"{uri}: cannot parse as {fmt.upper()}: {e}. If it is a plain URL list, name it .txt "
                          f"or pass --input-format txt") from None
-    if not has_header:
-        names = ["url", "caption"] + [f"col{i}" for i in range(2, table.num_columns)]
-        table = table.rename_columns(names[: table.num_columns])
+    if not has_header:  # columns are named by position; inspect_inputs finds the URL/caption among them
+        table = table.rename_columns([f"col{i}" for i in range(table.num_columns)])
     # all text columns as strings, so every shard has the same types
     return pa.table({n: table.column(n).cast(pa.string()) for n in table.column_names})
 
 
-def _text_has_header(loc: Location, fmt: str, want_header: bool) -> bool:
-    """CSV/TSV: honour ``csv_header`` unless the first field of line 1 is itself a URL."""
+def looks_like_url(value: object) -> bool:
+    """True when ``value`` is text starting with ``http://`` or ``https://`` (case-insensitive)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return isinstance(value, str) and value.strip().lower().startswith(URL_PREFIXES)
+
+
+def _first_row_cells(loc: Location, fmt: str) -> list[str]:
+    """The cells of the first line of a CSV/TSV file (CSV quoting honoured; at most 64 KiB read)."""
+    with loc.fs.open_input_stream(loc.path) as f:
+        head = f.read(1 << 16).decode("utf-8", errors="replace")
+    lines = head.splitlines()
+    if not lines:
+        return []
+    if fmt == "tsv":
+        return lines[0].split("\t")
+    try:
+        return next(csv.reader([lines[0]]), [])
+    except csv.Error:
+        return lines[0].split(",")
+
+
+def _text_has_header(loc: Location, fmt: str, want_header: bool | str) -> bool:
+    """CSV/TSV: whether line 1 is a header row.
+
+    ``want_header`` ``True``/``False`` is obeyed; ``"auto"`` says yes unless a cell of line 1 looks
+    like an http(s) URL, whichever column it is in (CC3M's ``caption<TAB>url`` as much as
+    ``url,caption``). Other formats always name their columns.
+    """
     if fmt not in ("csv", "tsv"):
         return True
-    with loc.fs.open_input_stream(loc.path) as f:
-        head = f.read(4096).decode("utf-8", errors="replace")
-    first = head.splitlines()[0] if head else ""
-    first_field = first.split("\t" if fmt == "tsv" else ",")[0].strip().strip('"').lower()
-    if first_field.startswith(("http://", "https://")):
-        return False
-    return want_header
+    if want_header != "auto":
+        return bool(want_header)
+    return not any(looks_like_url(c) for c in _first_row_cells(loc, fmt))
 
 
-def _schema_of(loc: Location, fmt: str, has_header: bool) -> tuple[pa.Schema, int]:
+def _schema_of(loc: Location, fmt: str, has_header: bool) -> tuple[pa.Schema, int, pa.Table | None]:
+    """Schema and row count of one file, and for text formats the parsed table (else ``None``)."""
     if fmt == "parquet":
         with loc.fs.open_input_file(loc.path) as f:
             head = f.read(len(LFS_POINTER_PREFIX))
@@ -241,19 +272,70 @@ def _schema_of(loc: Location, fmt: str, has_header: bool) -> tuple[pa.Schema, in
             except (pa.ArrowInvalid, OSError) as e:
                 raise InputError(f"{loc.uri} is not a readable Parquet file ({e}); check that it was fully "
                                  f"copied, or remove it from the input") from None
-        return schema, meta.num_rows
+        return schema, meta.num_rows, None
     table = _read_text_table(loc.uri, fmt, has_header)
-    return table.schema, table.num_rows
+    return table.schema, table.num_rows, table
 
 
-def _find_column(names: list[str], wanted: str | None, aliases: tuple[str, ...]) -> str | None:
+def _head(loc: Location, table: pa.Table | None, col: str, n: int = URL_SAMPLE_ROWS) -> list:
+    """The first ``n`` values of column ``col`` (Parquet: only the first batch is decoded)."""
+    if table is not None:
+        values = table.column(col).slice(0, n)
+    else:
+        with loc.fs.open_input_file(loc.path) as f:
+            values = next(iter(pq.ParquetFile(f).iter_batches(batch_size=n, columns=[col])), None)
+        if values is None:
+            return []
+        values = values.column(0)
+    typ = values.type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ) \
+            or pa.types.is_large_binary(typ):
+        values = _clean_strings(values)
+    return values.to_pylist()
+
+
+def _find_column(names: list[str], wanted: str | int | None, aliases: tuple[str, ...]) -> str | None:
+    """The column ``wanted`` names: a name (exact, then case-insensitive), else a 0-based position
+    (an int, or a string of digits that is no column's name); ``None``: the first alias present."""
     lower = {n.lower(): n for n in names}
+    if isinstance(wanted, int):
+        return names[wanted] if wanted < len(names) else None
     if wanted:
-        return wanted if wanted in names else lower.get(wanted.lower())
+        found = wanted if wanted in names else lower.get(wanted.lower())
+        if found is None and wanted.strip().isdigit() and int(wanted) < len(names):
+            found = names[int(wanted)]
+        return found
     for a in aliases:
         if a in lower:
             return lower[a]
     return None
+
+
+def _headerless_columns(names: list[str], head: dict[str, list], cfg: InputConfig) -> tuple[str, str | None]:
+    """URL and caption columns of a file without a header row (columns ``col0, col1, ...``).
+
+    Unset, the URL column is the first whose first value is an http(s) URL (else ``col0``) and the
+    caption column the first other one, so ``url,caption`` and ``caption<TAB>url`` both read right.
+    """
+    url = _find_column(names, cfg.url_col, ()) if cfg.url_col is not None else None
+    if cfg.url_col is None:
+        url = next((n for n in names if head[n] and looks_like_url(head[n][0])), names[0])
+    if cfg.caption_col is not None:
+        return url, _find_column(names, cfg.caption_col, ())
+    return url, next((n for n in names if n != url), None)
+
+
+def _warn_if_not_urls(uri: str, col: str, values: list) -> None:
+    """Log a warning when most of ``values`` (the URL column's first rows) are not http(s) URLs."""
+    present = [v for v in values if v is not None and str(v).strip()]
+    if not present:
+        return
+    bad = sum(not looks_like_url(v) for v in present)
+    if bad / len(present) > 0.5:
+        log.warning("%s: %.0f%% of the first %d values of the URL column %r are not http(s) URLs (e.g. %r), "
+                    "so those rows will fail as invalid_url. If the URLs are in another column, name it with "
+                    "--url-col NAME or --url-col POSITION (0-based; with --caption-col likewise).",
+                    uri, 100 * bad / len(present), len(present), col, str(present[0])[:80])
 
 
 def inspect_inputs(inputs: list[str], cfg: InputConfig) -> list[InputFile]:
@@ -273,25 +355,30 @@ def inspect_inputs(inputs: list[str], cfg: InputConfig) -> list[InputFile]:
     for idx, loc in enumerate(files):
         fmt = detect_format(loc, cfg.input_format)
         has_header = _text_has_header(loc, fmt, cfg.csv_header)
-        schema, num_rows = _schema_of(loc, fmt, has_header)
+        schema, num_rows, table = _schema_of(loc, fmt, has_header)
         names = [n for n in schema.names if n not in DROPPED_INPUT_COLUMNS]
         if not names:
             raise InputError(f"{loc.uri} is empty (no columns, no rows); remove it from the input or fill it")
-        url_col = _find_column(names, cfg.url_col, URL_ALIASES)
+        if has_header:
+            url_col = _find_column(names, cfg.url_col, URL_ALIASES)
+            caption_col = _find_column(names, cfg.caption_col, CAPTION_ALIASES)
+        else:
+            url_col, caption_col = _headerless_columns(names, {n: _head(loc, table, n, 1) for n in names}, cfg)
         if url_col is None:
-            flag = f"--url-col {cfg.url_col!r} was not found" if cfg.url_col else "no URL column found"
+            flag = f"--url-col {cfg.url_col!r} was not found" if cfg.url_col is not None else "no URL column found"
             raise InputError(f"{loc.uri}: {flag}. Its columns are: {', '.join(names) or '(none)'}. "
-                             f"Name the URL column with --url-col NAME (and the caption with --caption-col NAME).")
-        caption_col = _find_column(names, cfg.caption_col, CAPTION_ALIASES)
+                             f"Name the URL column with --url-col NAME or --url-col POSITION (0-based), and the "
+                             f"caption with --caption-col likewise.")
         for role, col in (("URL", url_col), ("caption", caption_col)):
             typ = schema.field(col).type if col else pa.string()
             if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ)
                     or pa.types.is_large_binary(typ) or pa.types.is_null(typ)):
                 raise InputError(f"{loc.uri}: the {role} column {col!r} holds {typ}, not text; name the right "
                                  f"column with --{'url' if role == 'URL' else 'caption'}-col NAME")
-        if cfg.caption_col and caption_col is None:
+        if cfg.caption_col is not None and caption_col is None:
             raise InputError(f"{loc.uri}: --caption-col {cfg.caption_col!r} was not found. Its columns are: "
-                             f"{', '.join(names)}.")
+                             f"{', '.join(names)} (a position counts from 0).")
+        _warn_if_not_urls(loc.uri, url_col, _head(loc, table, url_col))
         others = [n for n in names if n not in (url_col, caption_col)]
         if cfg.keep_columns is not None:
             missing = [c for c in cfg.keep_columns if c not in others and c not in (url_col, caption_col)]
@@ -348,32 +435,46 @@ def _decode_binary(arr: pa.Array) -> pa.Array:
                     pa.string())
 
 
-def read_rows(f: InputFile, start: int, stop: int, skip: frozenset[int] = frozenset()) -> pa.Table:
+def read_rows(f: InputFile, start: int, stop: int, skip: frozenset[int] = frozenset(),
+              cache: ReadCache | None = None) -> pa.Table:
     """Read rows ``[start, stop)`` of one input file as the pipeline's first table.
+
+    Args:
+        f: the file, as :func:`inspect_inputs` found it.
+        start / stop: 0-based row range in the file.
+        skip: row indices to leave out (already written by an earlier run).
+        cache: the run's :class:`~capfilt.io.readcache.ReadCache`: a text file is parsed, and a
+            Parquet row group decoded, once per cache rather than once per shard. ``None``: read
+            what this range needs and keep nothing.
 
     Returns:
         Columns ``key``, ``url``, ``caption`` (string; null when the file has no caption column),
-        the pass-through columns, and internal ``_row`` (int64 row index in the file). Rows whose
-        index is in ``skip`` (already written by an earlier run) are left out.
+        the pass-through columns, and internal ``_row`` (int64 row index in the file).
 
     Raises:
         InputError: the file changed since it was inspected (fewer rows than planned).
     """
-    loc = locate(f.uri)
+    def cached(key: tuple, load):
+        return cache.get(key, load) if cache is not None else load()
+
     if f.format == "parquet":
-        pfile = pq.ParquetFile(loc.fs.open_input_file(loc.path))
+        loc = locate(f.uri)
         cols = [f.url_col] + ([f.caption_col] if f.caption_col else []) + [s for s, _, _ in f.passthrough]
-        pieces, offset = [], 0
-        for rg in range(pfile.num_row_groups):
-            n = pfile.metadata.row_group(rg).num_rows
-            if offset + n > start and offset < stop:
-                t = pfile.read_row_group(rg, columns=cols)
-                lo, hi = max(start - offset, 0), min(stop - offset, n)
-                pieces.append(t.slice(lo, hi - lo))
-            offset += n
+        with loc.fs.open_input_file(loc.path) as fh:
+            pfile = pq.ParquetFile(fh)
+            pieces, offset = [], 0
+            for rg in range(pfile.num_row_groups):
+                n = pfile.metadata.row_group(rg).num_rows
+                if offset + n > start and offset < stop:
+                    t = cached((f.uri, "parquet", rg, tuple(cols)),
+                               lambda rg=rg: pfile.read_row_group(rg, columns=cols))
+                    lo, hi = max(start - offset, 0), min(stop - offset, n)
+                    pieces.append(t.slice(lo, hi - lo))
+                offset += n
         table = pa.concat_tables(pieces) if pieces else pa.table({c: pa.array([], pa.string()) for c in cols})
     else:
-        table = _read_text_table(f.uri, f.format, f.has_header).slice(start, stop - start)
+        table = cached((f.uri, f.format, f.has_header),
+                       lambda: _read_text_table(f.uri, f.format, f.has_header)).slice(start, stop - start)
     if table.num_rows != stop - start:
         raise InputError(f"{f.uri} has changed since the run started (expected rows {start}..{stop - 1}); "
                          f"rerun with the final file")

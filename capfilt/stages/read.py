@@ -7,6 +7,7 @@ output, for refilter). Both leave out rows already committed, so a resume redoes
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -14,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt.io.filesystem import Location, locate
+from capfilt.io.readcache import ReadCache
 from capfilt.io.reader import InputFile, key_to_position, read_rows
 from capfilt.schema import ID_FIELDS
 from capfilt.stages.base import RunContext, Stage
@@ -123,17 +125,31 @@ class ReadStage(Stage):
 
     def __init__(self, files: list[InputFile]):
         self.files = {f.index: f for f in files}
+        # A fresh token per stage object: Ray keeps deserialized task functions per worker and
+        # reuses one whose pickled bytes are the same, so without it a later run over the same
+        # files could meet this run's stage, and its decoded (perhaps since edited) input.
+        self.run_token = uuid.uuid4().hex
+        self._cache: ReadCache | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}  # decoded tables never travel; each process decodes
 
     @classmethod
     def build(cls, cfg: PipelineConfig, ctx: RunContext) -> ReadStage:
         """The read stage over the run's input files."""
         return cls(list(ctx.files))
 
+    def setup(self) -> None:
+        """Start this process's cache of decoded input (shared by this run's shards only)."""
+        if self._cache is None:
+            self._cache = ReadCache()
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.setup()
         tables = []
         for spec in batch.to_pylist():
             f = self.files[spec["file_index"]]
-            t = read_rows(f, spec["start"], spec["stop"], frozenset(spec["skip"] or ()))
+            t = read_rows(f, spec["start"], spec["stop"], frozenset(spec["skip"] or ()), self._cache)
             offsets = pa.compute.subtract(t.column("_row"), pa.scalar(spec["start"], pa.int64()))
             tables.append(_with_position(t.drop_columns(["_row"]), spec["shard_id"], offsets.combine_chunks()))
         return pa.concat_tables(tables, promote_options="permissive")

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from capfilt.synthetic.world import NOISE_TYPES, parse_caption
+from capfilt.synthetic.world import IMAGE_SIZE, NOISE_TYPES, parse_caption
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,9 @@ class Experiment:
             inp = write_served_meta(web, base, web.parent / "web-served.parquet")
             run(RunOptions(inputs=[str(inp)], output=str(out), pipeline="blip", models=str(preset),
                            overrides=["download.allow_private_network=true", f"select.itm_threshold={self.threshold}",
-                                      "output.rows_per_shard=1000"],
+                                      "output.rows_per_shard=1000",
+                                      # the world's images are IMAGE_SIZE px: an explicit floor, not the default
+                                      f"download.min_image_size={IMAGE_SIZE}"],
                            ray_address=self.ray_address, executor="ray", overwrite=True, progress=False))
         finally:
             httpd.shutdown()

@@ -171,6 +171,19 @@ def test_limits_apply_before_decoding(monkeypatch):
     assert ImageProcessor(DownloadConfig(min_image_size=123, max_aspect_ratio=3.8))(data).status == schema.SUCCESS
 
 
+@pytest.mark.parametrize("size", [(1, 1), (63, 500), (16, 16)])
+def test_default_floor_keeps_tiny_images_out_of_the_models(size):
+    """A tracking pixel or an icon is ``too_small`` by default, not upscaled to 384 px and kept;
+    ``min_image_size: 0`` (the shapes world, decode tests) still takes it."""
+    data = _png(Image.new("RGB", size, (200, 30, 30)))
+    r = ImageProcessor(DownloadConfig())(data)
+    assert (r.status, r.image) == (schema.TOO_SMALL, None)
+    assert r.error_message == f"image is {size[0]}x{size[1]} px, shorter side below 64"
+    r = ImageProcessor(DownloadConfig(min_image_size=0))(data)
+    assert r.status == schema.SUCCESS and min(r.width, r.height) == 384
+    assert ImageProcessor(DownloadConfig())(_png(Image.new("RGB", (64, 64)))).status == schema.SUCCESS
+
+
 def test_pillow_limit_is_never_disabled():
     assert Image.MAX_IMAGE_PIXELS == 89_478_485
     for path in (ROOT / "capfilt").rglob("*.py"):

@@ -111,3 +111,62 @@ def test_coco_caption_json_one_row_per_annotation(fixtures):
     # real quirks survive untouched: a caption with a newline, trailing spaces
     assert any("\n" in r["caption"] for r in rows) and any(r["caption"].endswith(" ") for r in rows)
     assert {"image_id", "annotation_id", "file_name", "flickr_url"} <= set(t.column_names)
+
+
+CC3M_ROWS = [("a dog on a beach", "http://x/dog.jpg"), ("city at night, lights", "https://x/city.jpg"),
+             ("quote \"inside\" text", "http://x/q.jpg")]
+
+
+@pytest.mark.parametrize("cfg", [InputConfig(), InputConfig(url_col="1", caption_col="0", csv_header=False),
+                                 InputConfig(url_col=1, caption_col=0)], ids=["auto", "flags", "ints"])
+def test_headerless_caption_first_tsv_like_cc3m(tmp_path, cfg):
+    """CC3M ships ``caption<TAB>url`` without a header: found by content, or named by position."""
+    (tmp_path / "cc3m.tsv").write_text("".join(f"{c}\t{u}\n" for c, u in CC3M_ROWS))
+    (f,) = inspect_inputs([str(tmp_path / "cc3m.tsv")], cfg)
+    assert (f.has_header, f.num_rows, f.url_col, f.caption_col, f.passthrough) == (False, 3, "col1", "col0", ())
+    t = read_rows(f, 0, 3)
+    assert t.column("url").to_pylist() == [u for _, u in CC3M_ROWS]
+    assert t.column("caption").to_pylist() == [c for c, _ in CC3M_ROWS]
+
+
+def test_headerless_url_first_csv_keeps_extra_columns_by_position(tmp_path):
+    (tmp_path / "a.csv").write_text('http://x/a.jpg,"a, b",7\nhttp://x/b.jpg,c,8\n')
+    (f,) = inspect_inputs([str(tmp_path / "a.csv")], InputConfig())
+    assert (f.url_col, f.caption_col, [n for _, n, _ in f.passthrough]) == ("col0", "col1", ["col2"])
+    assert read_rows(f, 0, 2).to_pylist()[0]["caption"] == "a, b"
+
+
+def test_column_positions_in_a_file_with_header(tmp_path):
+    """A digit string that is no column's name is a 0-based position; a column named "1" wins."""
+    pq.write_table(pa.table({"txt_a": ["t"], "link": ["http://x/a.jpg"], "1": ["n"]}), tmp_path / "a.parquet")
+    (f,) = inspect_inputs([str(tmp_path / "a.parquet")], InputConfig(url_col="1", caption_col="0"))
+    assert (f.url_col, f.caption_col) == ("1", "txt_a")
+    (f,) = inspect_inputs([str(tmp_path / "a.parquet")], InputConfig(url_col=1, caption_col="0"))
+    assert (f.url_col, f.caption_col) == ("link", "txt_a")
+    with pytest.raises(InputError, match=r"--url-col 7 was not found.*POSITION \(0-based\)"):
+        inspect_inputs([str(tmp_path / "a.parquet")], InputConfig(url_col=7))
+
+
+def test_mostly_invalid_urls_warn_at_inspection(tmp_path, caplog):
+    """Reading captions as URLs (the old headerless naming) must not pass silently."""
+    rows = [f"caption {i}\thttp://x/{i}.jpg\n" for i in range(10)]
+    (tmp_path / "wrong.tsv").write_text("".join(rows))
+    with caplog.at_level("WARNING", logger="capfilt.io.reader"):
+        (f,) = inspect_inputs([str(tmp_path / "wrong.tsv")], InputConfig(url_col=0, caption_col=1, csv_header=False))
+    (rec,) = [r for r in caplog.records if "not http(s) URLs" in r.getMessage()]
+    msg = rec.getMessage()
+    assert "wrong.tsv" in msg and "100% of the first 10 values" in msg and "'col0'" in msg and "--url-col" in msg
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="capfilt.io.reader"):
+        inspect_inputs([str(tmp_path / "wrong.tsv")], InputConfig())
+    assert not [r for r in caplog.records if "not http(s) URLs" in r.getMessage()]
+
+
+def test_same_file_through_a_symlink_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/a.csv").write_text("url,caption\nhttp://x/a.jpg,a\n")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "data/a.csv")
+    with pytest.raises(InputError, match="given twice"):
+        inspect_inputs([str(tmp_path / "data"), str(tmp_path / "link.csv")], InputConfig())
+    with pytest.raises(InputError, match="given twice"):
+        inspect_inputs([str(tmp_path / "data/a.csv"), str(tmp_path / "data/../link.csv")], InputConfig())

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from capfilt import schema
-from capfilt.config import DownloadConfig
+from capfilt.config import MIN_IMAGE_SIZE, DownloadConfig
 from capfilt.stages.download import DownloadStage
 from tests.helpers.httpserver import ImageServer
 
@@ -190,8 +190,10 @@ EXTRA = {
                              (S, None, (100, 100), like_rgb_sample)),
 }
 
+# The decode paths are the subject here, so the lossless run keeps images of any size (min_image_size=0);
+# the default-recipe test below checks the default floor on the same files.
 LOSSLESS = DownloadConfig(timeout=5.0, allow_private_network=True, resize_mode="no", encode_format="png",
-                          encode_quality=1, thread_count=8)
+                          encode_quality=1, thread_count=8, min_image_size=0)
 
 
 def _serve_as(srv: ImageServer, path: str, file: str, ctype: str) -> None:
@@ -255,12 +257,23 @@ def test_tricky_file(lossless_results, name):
 
 
 def test_tricky_files_with_default_jpeg_recipe(server):
-    """Default recipe (JPEG q95, keep_ratio 384): the same statuses; sizes follow the shorter side."""
+    """Default recipe (JPEG q95, keep_ratio 384, floor MIN_IMAGE_SIZE): the same statuses, except that
+    decodable images with a shorter side under the floor (1x1, 2x1, 10x10, 14x25) are ``too_small``
+    instead of being upscaled to 384 px; sizes follow the shorter side."""
     names = sorted(TABLE)
     cfg = DownloadConfig(timeout=5.0, allow_private_network=True, thread_count=8)
+    assert cfg.min_image_size == MIN_IMAGE_SIZE == 64
     out = DownloadStage(cfg)(pa.table({"key": names, "url": [server.url(n) for n in names]}))
+    tiny = set()
     for row in out.to_pylist():
         status, _, size, _ = TABLE[row["key"]]
+        if status == S and min(size) < MIN_IMAGE_SIZE:
+            tiny.add(row["key"])
+            assert row["status"] == schema.TOO_SMALL and row["image"] is None, row
+            w, h = size  # the message gives the stored (pre-EXIF-rotation) size
+            assert row["error_message"] in (f"image is {w}x{h} px, shorter side below 64",
+                                            f"image is {h}x{w} px, shorter side below 64"), row["error_message"]
+            continue
         assert row["status"] == status, (row["key"], row["error_message"])
         if status == S:
             w, h = size
@@ -269,6 +282,7 @@ def test_tricky_files_with_default_jpeg_recipe(server):
             assert min(img.size) == 384 and img.size == (row["width"], row["height"])
             assert abs(img.size[0] / img.size[1] - w / h) < 0.02 + 1 / min(img.size) * max(w / h, h / w)
             assert (row["original_width"], row["original_height"]) == size
+    assert {"pillow_tRNS_null_1x1.png", "pillow_orientation_rectangle.jpg", "skimage_palette_color.png"} <= tiny
 
 
 def test_orientation_photos_upright_at_default_size(server):

@@ -85,3 +85,38 @@ def test_flag_values_reach_the_recipe_typed_not_reparsed(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     t = pq.read_table(tmp_path / "out")
     assert t.column("caption").to_pylist() == ["a room"] and "it's" in t.column_names and "other" not in t.column_names
+
+
+@pytest.mark.parametrize("flags", [(), ("--url-col", "1", "--caption-col", "0", "--csv-header", "false",
+                                         "--input-format", "tsv")], ids=["auto-detected", "documented-flags"])
+def test_headerless_caption_first_tsv_like_cc3m(tmp_path, flags):
+    """CC3M's ``caption<TAB>url`` without a header row: every row read, captions as captions."""
+    with ImageServer(root=FIXTURES / "coco" / "images") as srv:
+        names = ["000000000139.jpg", "000000000802.jpg"]
+        (tmp_path / "cc3m.tsv").write_text("".join(f"caption of {n}\t{srv.url(n)}\n" for n in names))
+        r = _capfilt("run", "-i", str(tmp_path / "cc3m.tsv"), "-o", str(tmp_path / "out"), "--pipeline", "download",
+                     "--executor", "local", "--allow-private-network", "--no-progress", *flags)
+    assert r.returncode == 0, r.stdout + r.stderr
+    t = pq.read_table(tmp_path / "out").sort_by("key")
+    assert t.column("caption").to_pylist() == [f"caption of {n}" for n in names]
+    assert t.column("status").to_pylist() == ["success", "success"]
+
+
+def test_help_documents_input_format_and_header_options():
+    r = _capfilt("run", "--help", env={"COLUMNS": "200"})
+    text = " ".join(r.stdout.split())
+    for needle in ("--input-format", "auto|parquet|csv|tsv|jsonl|txt|coco", "--csv-header", "auto|true|false",
+                   "0-based position", "caption<TAB>url"):
+        assert needle in text, needle
+
+
+def test_flags_are_values_and_set_names_the_override(tmp_path, served_input):
+    """``--caption-col null`` is a column named "null" (not auto-detection); a bad ``--set`` is named."""
+    inp, _ = served_input
+    r = _capfilt("run", "-i", str(inp), "-o", str(tmp_path / "o"), "--pipeline", "download", "--caption-col", "null")
+    _assert_one_message(r, "--caption-col 'null' was not found", "url, caption")
+    r = _capfilt("run", "-i", str(inp), "-o", str(tmp_path / "o"), "--set", "caption.num_captions=yes")
+    _assert_one_message(r, "with overrides caption.num_captions", "caption.num_captions='yes'")
+    r = _capfilt("run", "-i", str(inp), "-o", str(tmp_path / "o"), "--set", "download.encode_format=png")
+    _assert_one_message(r, "download.encode_format=png", "download.encode_quality", "0-9")
+    assert not (tmp_path / "o").exists()
