@@ -86,6 +86,9 @@ def run(
     allow_private_network: Annotated[bool, typer.Option(help="Allow URLs on loopback/private/link-local "
                                                         "addresses.")] = False,
     allow_file_urls: Annotated[bool, typer.Option(help="Allow file:// URLs.")] = False,
+    decontaminate: Annotated[Optional[list[str]], typer.Option(
+        help="Folder of evaluation images (or Parquet with image+id) whose copies in the input are flagged "
+             "'contaminated' before the models run; repeatable.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Join a Ray cluster (e.g. auto); default: "
                                                        "RAY_ADDRESS or a local Ray.")] = None,
     executor: Annotated[str, typer.Option(help="ray | local (in-process) | auto")] = "auto",
@@ -114,7 +117,9 @@ def run(
              "input.keep_columns": None if keep_columns is None else [c.strip() for c in keep_columns.split(",")
                                                                       if c.strip()],
              "download.allow_private_network": allow_private_network or None,
-             "download.allow_file_urls": allow_file_urls or None}
+             "download.allow_file_urls": allow_file_urls or None,
+             "decontam.enabled": True if decontaminate else None,
+             "decontam.eval_sets": list(decontaminate) if decontaminate else None}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     opts = RunOptions(inputs=input, output=output, pipeline=pipeline, models=models, overrides=overrides,
                       ray_address=ray_address, executor=executor, overwrite=overwrite, progress=progress)

@@ -270,6 +270,25 @@ class BlocklistConfig(Strict):
         return self
 
 
+class DecontamConfig(Strict):
+    """Optional eval-set decontamination (see :mod:`capfilt.stages.decontam`).
+
+    ``eval_sets``: folders of images or Parquet files (``image`` bytes + ``id``) of evaluation
+    images; input images at perceptual cosine >= ``threshold`` to one of them end ``contaminated``.
+    """
+
+    enabled: bool = False
+    eval_sets: list[str] = Field(default_factory=list)
+    threshold: float = Field(0.95, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DecontamConfig":
+        if self.enabled and not self.eval_sets:
+            raise ValueError("decontam.enabled is true but decontam.eval_sets is empty; give a folder of "
+                             "evaluation images (--decontaminate PATH)")
+        return self
+
+
 class OutputConfig(Strict):
     """Shard layout. ``rows_per_shard`` input rows go to one shard (img2dataset's number_sample_per_shard)."""
 
@@ -316,6 +335,7 @@ class ResourcesConfig(Strict):
     download: StageResources = StageResources(num_cpus=0.5)
     blocklist: StageResources = StageResources(num_cpus=0.25)
     langid: StageResources = StageResources(num_cpus=0.25)
+    decontam: StageResources = StageResources(num_cpus=0.25)
     dedup: StageResources = StageResources(num_cpus=0.25)
     caption: StageResources = StageResources(num_cpus=0.5, num_gpus="auto")
     score: StageResources = StageResources(num_cpus=0.5, num_gpus="auto")
@@ -338,6 +358,7 @@ class PipelineConfig(Strict):
     download: DownloadConfig = DownloadConfig()
     blocklist: BlocklistConfig = BlocklistConfig()
     langid: LangIdConfig = LangIdConfig()
+    decontam: DecontamConfig = DecontamConfig()
     dedup: DedupConfig = DedupConfig()
     caption: CaptionConfig = CaptionConfig()
     score: ScoreConfig = ScoreConfig()

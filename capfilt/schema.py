@@ -27,6 +27,7 @@ BLOCKED_ADDRESS = "blocked_address"
 DUPLICATE = "duplicate"
 BLOCKED_CONTENT = "blocked_content"
 WRONG_LANGUAGE = "wrong_language"
+CONTAMINATED = "contaminated"
 FAILED_TO_CAPTION = "failed_to_caption"
 FAILED_TO_SCORE = "failed_to_score"
 
@@ -42,6 +43,7 @@ STATUSES: dict[str, str] = {
     BLOCKED_ADDRESS: "the host resolves to a private, loopback, link-local or multicast address",
     DUPLICATE: "exact duplicate image (same sha256) of an earlier row in the run",
     BLOCKED_CONTENT: "the image or URL is on a blocklist (blocklist.lists); its bytes are not written",
+    CONTAMINATED: "the image is a copy of an evaluation-set image (decontam.eval_sets / --decontaminate)",
     WRONG_LANGUAGE: "the web caption is in a language langid.languages does not list (langid.other: drop_row)",
     FAILED_TO_CAPTION: "the captioner raised on this row (retried alone)",
     FAILED_TO_SCORE: "the filter raised on this row (retried alone)",

@@ -24,6 +24,7 @@ from capfilt.schema import SCHEMA_VERSION, SUCCESS
 from capfilt.stages.base import RunContext, Stage
 from capfilt.stages.caption import CaptionStage
 from capfilt.stages.blocklist import BlocklistStage
+from capfilt.stages.decontam import DecontamStage
 from capfilt.stages.dedup import DedupStage
 from capfilt.stages.download import DownloadStage
 from capfilt.stages.langid import LangIdStage
@@ -32,9 +33,10 @@ from capfilt.stages.score import ScoreStage
 from capfilt.stages.select import SelectStage
 from capfilt.stages.write import ShardWriter
 
-#: ``source: metadata``: read -> download -> blocklist -> langid -> dedup -> caption -> score -> select -> write.
-METADATA_STAGES: tuple[type[Stage], ...] = (ReadStage, DownloadStage, BlocklistStage, LangIdStage, DedupStage,
-                                            CaptionStage, ScoreStage, SelectStage, ShardWriter)
+#: ``source: metadata``: read -> download -> blocklist -> langid -> decontam -> dedup -> caption -> score
+#: -> select -> write (optional stages run only when their section is enabled).
+METADATA_STAGES: tuple[type[Stage], ...] = (ReadStage, DownloadStage, BlocklistStage, LangIdStage, DecontamStage,
+                                            DedupStage, CaptionStage, ScoreStage, SelectStage, ShardWriter)
 #: ``source: output`` (refilter): read the old shards -> select -> write.
 OUTPUT_STAGES: tuple[type[Stage], ...] = (ReadOutputStage, SelectStage, ShardWriter)
 

@@ -71,8 +71,11 @@ def record_all(tmp: Path) -> Recorded:
     """Run the metadata recipe, then refilter its output, recording every known stage's input."""
     rec = Recorded()
     (tmp / "blocklist.txt").write_text("sha256:" + "0" * 64 + "\n")  # blocks nothing here: the stage still runs
+    (tmp / "eval").mkdir()
+    (tmp / "eval" / "x.jpg").write_bytes(sorted(COCO.glob("*.jpg"))[10].read_bytes())  # not in the input
     cfg = metadata_config(**{"blocklist.enabled": True, "blocklist.lists": [str(tmp / "blocklist.txt")],
-                             "langid.enabled": True})
+                             "langid.enabled": True, "decontam.enabled": True,
+                             "decontam.eval_sets": [str(tmp / "eval")]})
     files = inspect_inputs([str(write_input(tmp))], cfg.input)
     rec.scorers = list(cfg.score.scorers)
     out = locate(str(tmp / "out"))

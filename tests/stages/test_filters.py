@@ -1,4 +1,5 @@
-"""Language ID of web captions and blocklists (issue 12): real fastText model, real PDQ hashes."""
+"""Language ID of web captions, blocklists and eval-set decontamination (issue 12): the real fastText
+model, real PDQ hashes, real COCO photos served over 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -118,3 +119,31 @@ def test_url_hash_list_blocks_by_url():
     stage._lists = Blocklists(exact={"sha256": {}, "url_sha256": {hashlib.sha256(url.encode()).hexdigest(): "urls"}})
     assert stage.match(url, b"", None) == "on blocklist 'urls' (url_sha256)"
     assert stage.match(url + "x", b"", None) is None
+
+
+def test_decontamination_flags_exactly_the_eval_images_copies(tmp_path):
+    """10 of the 79 COCO photos are the eval set; the input holds resized/re-encoded copies of them
+    among the other 69 photos: all 10 copies are flagged, no other row is."""
+    eval_dir = tmp_path / "coco-test"
+    eval_dir.mkdir()
+    for p in COCO[:10]:
+        (eval_dir / p.name).write_bytes(p.read_bytes())
+    served = {}
+    for i, p in enumerate(COCO):
+        im = Image.open(p)
+        served[f"p{i}.jpg"] = _jpeg(im, size=200 + 7 * (i % 10), quality=60 + 3 * (i % 10)) if i < 10 else p.read_bytes()
+    srv = ImageServer()
+    for name, body in served.items():
+        srv.add_route(f"/{name}", lambda req, body=body: srv._send(req, 200, body, "image/jpeg"))
+    with srv:
+        urls = [srv.url(n) for n in served]
+        pq.write_table(pa.table({"url": urls, "caption": ["c"] * len(urls)}), tmp_path / "in.parquet")
+        res = run(RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "out"), pipeline="download",
+                             executor="local", progress=False,
+                             overrides={"download.allow_private_network": True, "decontam.enabled": True,
+                                        "decontam.eval_sets": [str(eval_dir)]}))
+    rows = {r["url"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    flagged = [u for u in urls if rows[u]["status"] == "contaminated"]
+    assert flagged == urls[:10] and res.totals["contaminated"] == 10
+    assert all(rows[u]["status"] == "success" for u in urls[10:])
+    assert rows[urls[3]]["error_message"].startswith(f"copy of evaluation image coco-test/{COCO[3].name} (cosine ")
