@@ -28,6 +28,7 @@ DUPLICATE = "duplicate"
 BLOCKED_CONTENT = "blocked_content"
 WRONG_LANGUAGE = "wrong_language"
 CONTAMINATED = "contaminated"
+NSFW = "nsfw"
 FAILED_TO_CAPTION = "failed_to_caption"
 FAILED_TO_SCORE = "failed_to_score"
 
@@ -43,6 +44,7 @@ STATUSES: dict[str, str] = {
     BLOCKED_ADDRESS: "the host resolves to a private, loopback, link-local or multicast address",
     DUPLICATE: "exact duplicate image (same sha256) of an earlier row in the run",
     BLOCKED_CONTENT: "the image or URL is on a blocklist (blocklist.lists); its bytes are not written",
+    NSFW: "the NSFW detector flagged the image (safety.threshold); its bytes are not written",
     CONTAMINATED: "the image is a copy of an evaluation-set image (decontam.eval_sets / --decontaminate)",
     WRONG_LANGUAGE: "the web caption is in a language langid.languages does not list (langid.other: drop_row)",
     FAILED_TO_CAPTION: "the captioner raised on this row (retried alone)",
@@ -85,6 +87,13 @@ LANGID_FIELDS: list[pa.Field] = [
     pa.field("web_lang_ok", pa.bool_()),
 ]
 
+#: Safety stage output (:mod:`capfilt.stages.safety`): the best counted NSFW detection's
+#: confidence (0 when none) and every detector class found.
+SAFETY_FIELDS: list[pa.Field] = [
+    pa.field("nsfw_score", pa.float32()),
+    pa.field("nsfw_classes", pa.list_(pa.string())),
+]
+
 #: Caption stage output.
 CAPTION_FIELDS: list[pa.Field] = [
     pa.field("synthetic_captions", pa.list_(pa.string())),
@@ -117,7 +126,8 @@ SELECT_FIELDS: list[pa.Field] = [
     pa.field("drop_reason", pa.string()),
 ]
 
-CONTRACT_COLUMNS = {f.name for f in ID_FIELDS + DOWNLOAD_FIELDS + LANGID_FIELDS + CAPTION_FIELDS + SELECT_FIELDS} | {
+CONTRACT_COLUMNS = {f.name for f in (ID_FIELDS + DOWNLOAD_FIELDS + LANGID_FIELDS + SAFETY_FIELDS + CAPTION_FIELDS
+                                     + SELECT_FIELDS)} | {
     f.name for s in ("itm", "itc", "clip") for f in score_fields(s)
 }
 

@@ -29,14 +29,16 @@ from capfilt.stages.dedup import DedupStage
 from capfilt.stages.download import DownloadStage
 from capfilt.stages.langid import LangIdStage
 from capfilt.stages.read import ReadOutputStage, ReadStage
+from capfilt.stages.safety import SafetyStage
 from capfilt.stages.score import ScoreStage
 from capfilt.stages.select import SelectStage
 from capfilt.stages.write import ShardWriter
 
-#: ``source: metadata``: read -> download -> blocklist -> langid -> decontam -> dedup -> caption -> score
-#: -> select -> write (optional stages run only when their section is enabled).
+#: ``source: metadata``: read -> download -> blocklist -> langid -> decontam -> safety -> dedup -> caption
+#: -> score -> select -> write (optional stages run only when their section is enabled).
 METADATA_STAGES: tuple[type[Stage], ...] = (ReadStage, DownloadStage, BlocklistStage, LangIdStage, DecontamStage,
-                                            DedupStage, CaptionStage, ScoreStage, SelectStage, ShardWriter)
+                                            SafetyStage, DedupStage, CaptionStage, ScoreStage, SelectStage,
+                                            ShardWriter)
 #: ``source: output`` (refilter): read the old shards -> select -> write.
 OUTPUT_STAGES: tuple[type[Stage], ...] = (ReadOutputStage, SelectStage, ShardWriter)
 

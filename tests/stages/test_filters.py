@@ -147,3 +147,48 @@ def test_decontamination_flags_exactly_the_eval_images_copies(tmp_path):
     assert flagged == urls[:10] and res.totals["contaminated"] == 10
     assert all(rows[u]["status"] == "success" for u in urls[10:])
     assert rows[urls[3]]["error_message"].startswith(f"copy of evaluation image coco-test/{COCO[3].name} (cosine ")
+
+
+def _served_run(tmp_path, bodies: dict[str, bytes], overrides: dict) -> dict[str, dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    srv = ImageServer()
+    for name, body in bodies.items():
+        srv.add_route(f"/{name}", lambda req, body=body: srv._send(req, 200, body, "image/jpeg"))
+    with srv:
+        urls = [srv.url(n) for n in bodies]
+        pq.write_table(pa.table({"url": urls, "caption": ["c"] * len(urls)}), tmp_path / "in.parquet")
+        run(RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "out"), pipeline="download",
+                       executor="local", progress=False,
+                       overrides={"download.allow_private_network": True, **overrides}))
+    rows = {r["url"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    return {n: rows[u] for n, u in zip(bodies, urls)}
+
+
+def test_nsfw_detector_flags_none_of_the_bundled_photos(tmp_path):
+    rows = _served_run(tmp_path, {p.name: p.read_bytes() for p in COCO}, {"safety.enabled": True})
+    assert [n for n, r in rows.items() if r["status"] != "success"] == []
+    scores = [r["nsfw_score"] for r in rows.values()]
+    assert all(0.0 <= s < 0.6 for s in scores) and max(scores) > 0.3  # the detector ran (one false positive 0.58)
+    assert any("FACE_FEMALE" in r["nsfw_classes"] for r in rows.values())
+
+
+def test_nsfw_path_end_to_end_with_a_detector_class_as_the_positive(tmp_path):
+    """No explicit image is needed to test the path: count the detector's face classes instead. The
+    rows flagged are exactly those where NudeNet, called directly on the stored (resized) image of a
+    plain run, sees a face at >= 0.7; their bytes are dropped, the others kept."""
+    from nudenet import NudeDetector
+
+    bodies = {p.name: p.read_bytes() for p in COCO[:40]}
+    plain = _served_run(tmp_path / "plain", bodies, {})
+    det = NudeDetector()
+    expected = sorted(n for n, r in plain.items()
+                      if any(d["class"] in ("FACE_FEMALE", "FACE_MALE") and d["score"] >= 0.7
+                             for d in det.detect(r["image"])))
+    assert expected  # some photos have a clear face
+    rows = _served_run(tmp_path / "safe", bodies, {"safety.enabled": True, "safety.classes": ["FACE_FEMALE", "FACE_MALE"],
+                                                   "safety.threshold": 0.7})
+    flagged = sorted(n for n, r in rows.items() if r["status"] == "nsfw")
+    assert flagged == expected
+    assert all(rows[n]["image"] is None and rows[n]["error_message"].startswith("NSFW detector: FACE_")
+               for n in flagged)
+    assert all(r["image"] and r["status"] == "success" for n, r in rows.items() if n not in flagged)
