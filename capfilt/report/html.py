@@ -25,15 +25,20 @@ SECTIONS: list[tuple[str, str]] = [
     ("captions", "Captions"),
     ("samples", "Samples"),
 ]
+#: The section added after "Download health" when a curation filter ran (``data["filters"]``).
+FILTERS_SECTION: tuple[str, str] = ("filters", "Curation filters")
 #: The section added after "Filter" when the report evaluates the filter against labels (``--label-col``).
 LABELS_SECTION: tuple[str, str] = ("labels", "Filter vs labels")
 THUMB_PX = 240
 
 
 def sections(data: dict[str, Any]) -> list[tuple[str, str]]:
-    """``(id, heading)`` of this report's sections: :data:`SECTIONS`, plus :data:`LABELS_SECTION`
-    after "Filter" when ``data["labels"]`` is set."""
+    """``(id, heading)`` of this report's sections: :data:`SECTIONS`, plus :data:`FILTERS_SECTION`
+    after "Download health" when ``data["filters"]`` is set and :data:`LABELS_SECTION` after
+    "Filter" when ``data["labels"]`` is set."""
     out = list(SECTIONS)
+    if data.get("filters"):
+        out.insert([sid for sid, _ in out].index("download") + 1, FILTERS_SECTION)
     if data.get("labels"):
         out.insert([sid for sid, _ in out].index("filter") + 1, LABELS_SECTION)
     return out
@@ -327,6 +332,32 @@ def _section_download(data: dict[str, Any], plots: dict[str, bytes]) -> str:
     return "".join(parts)
 
 
+def _section_filters(data: dict[str, Any]) -> str:
+    f = data["filters"]
+    rows = f["rows"]
+    kpis = "".join(_kpi(_int(r["rows"]), f"{r['filter']}: {r['status']}", _pct(_share(r["rows"], rows)))
+                   for r in f["removed"])
+    parts = [f'<p class="note">Rows each curation filter removed before the models ran (of {_int(rows)} rows read). '
+             f'Filters run in pipeline order: blocklist, langid, decontam, safety, dedup.</p>',
+             f'<div class="kpis">{kpis}</div>']
+    cols = []
+    if f.get("web_langs") is not None:
+        unusable = f.get("web_captions_unusable")
+        cols.append("<h3>Web-caption languages</h3>"
+                    + _table(["language", "rows"], [[k, v] for k, v in f["web_langs"].items()], numeric=[1])
+                    + (f'<p class="note">{_int(unusable)} web captions were in a language the filter does not read '
+                       f'and were neither scored nor selected (langid.other).</p>' if unusable else ""))
+    if f.get("nsfw_score_hist") is not None:
+        h = f["nsfw_score_hist"]
+        b = h["bins"]
+        cols.append("<h3>NSFW detector scores</h3>"
+                    + _table(["score", "images"], [[f"{i / b:.1f}-{(i + 1) / b:.1f}", c] for i, c in enumerate(h["counts"])],
+                             numeric=[1]))
+    if cols:
+        parts.append('<div class="row">' + "".join(f"<div>{c}</div>" for c in cols) + "</div>")
+    return "".join(parts)
+
+
 def _section_filter(data: dict[str, Any], plots: dict[str, bytes]) -> str:
     filt = data.get("filter")
     if not filt:
@@ -527,6 +558,7 @@ def render_html(data: dict[str, Any], plots: dict[str, bytes], images: dict[str,
         "download": _section_download(data, plots),
         "filter": _section_filter(data, plots),
         "labels": _section_labels(data, plots) if data.get("labels") else "",
+        "filters": _section_filters(data) if data.get("filters") else "",
         "captions": _section_captions(data, plots),
         "samples": _section_samples(data, thumbs),
     }

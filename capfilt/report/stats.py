@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from capfilt import schema
 from capfilt.io.filesystem import Location, locate
 from capfilt.report.accumulate import Moments, Reservoir, ScoreHist, TextStats, TopK
+from capfilt.report.filters import FilterStats
 from capfilt.report.labels import LabelScores, check_label_column, label_report, label_scorer, split_values
 from capfilt.report.layout import ShardFile, config_get, find_shards, read_run_record, run_section
 
@@ -136,6 +137,7 @@ class Scan:
         self.warnings: list[str] = []
         self.reservoir = Reservoir(samples, seed)
         self.low_kept, self.high_dropped = TopK(borderline, largest=False), TopK(borderline, largest=True)
+        self.filters = FilterStats()
 
     # ------------------------------------------------------------------ reading
     def add_shard(self, index: int, shard: ShardFile, loc: Location) -> None:
@@ -195,6 +197,7 @@ class Scan:
         if self.primary is not None and web_kept is not None:
             self._add_removed(rb, cols, shard, offset, web_kept, syn_kept)
         self._add_texts(rb, cols)
+        self.filters.add(rb, cols)
         if self.labels is not None:
             self._add_labels(rb, cols, status)
         has_image = pc.equal(status, schema.SUCCESS).fill_null(False)
@@ -384,6 +387,7 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
         ``warnings``, ``columns``, ``overview``, ``download``, ``filter`` (None without score
         columns), ``captions`` (None without caption columns), ``labels`` (None without
         ``label_col`` or without readable shards; see :func:`capfilt.report.labels.label_report`),
+        ``filters`` (None when no curation filter ran; :mod:`capfilt.report.filters`),
         ``samples``, ``borderline``.
 
     Raises:
@@ -435,6 +439,7 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
         "download": scan.download(),
         "filter": scan.filter(),
         "captions": scan.captions(),
+        "filters": scan.filters.section(scan.rows),
         "labels": None,
     }
     if labels is not None and scorer is not None:
