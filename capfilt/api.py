@@ -24,7 +24,7 @@ from capfilt.io.run_record import RunRecord, run_record_location, write_run_reco
 from capfilt.io.writer import committed_keys, scan_output
 from capfilt.output import check_not_file, check_overlap, identity, prepare_output, run_id_of, start_record
 from capfilt.plan import Source, fingerprints, inspect_source, plan_shards
-from capfilt.runner import StagePlan, prepare_ray, run_local, run_ray
+from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import specs_table
 from capfilt.stages.write import reconcile_parts
@@ -105,6 +105,8 @@ def run(opts: RunOptions) -> RunResult:
         preflight(preset, model_roles(cfg))
     ident = identity(cfg, preset, [locate(i).uri for i in opts.inputs], src.files, fingerprints(src))
     check_not_file(out)
+    if _executor(opts, cfg) == "ray":  # start (or join) Ray before the output folder is touched
+        init_ray(opts.ray_address)
     with OutputLease(out):
         try:
             return _run_leased(opts, cfg, preset, out, src, ident, t0)
@@ -133,7 +135,7 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     ctx = RunContext(out.uri, run_id, preset, src.files, src.old.uri if src.old else None,
                      tuple(p.parquet for p in parts), output_schema(src.passthrough, src.scorers, run_id))
     plans = [StagePlan(stage, res) for stage, res in build_stages(cfg, ctx)]
-    executor = opts.executor if opts.executor != "auto" else ("local" if cfg.source == "output" else "ray")
+    executor = _executor(opts, cfg)
     if executor == "ray":  # refuse impossible resources before anything is written
         prepare_ray(plans, opts.ray_address)
 
@@ -163,6 +165,11 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
         raise OutputError(f"run finished with {len(set(keys))} of {total_rows} input rows written "
                           f"({len(keys) - len(set(keys))} written twice); rerun the same command to complete it")
     return RunResult(out.uri, run_id, record, totals, wall, len(written), skipped, resumed)
+
+
+def _executor(opts: RunOptions, cfg: PipelineConfig) -> str:
+    """``ray`` or ``local``: ``auto`` is local for refilter (no model, no download), else Ray."""
+    return opts.executor if opts.executor != "auto" else ("local" if cfg.source == "output" else "ray")
 
 
 def _try_record(out: Location, record: RunRecord) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -154,13 +155,58 @@ def init_ray(address: str | None) -> dict:
 
         main = threading.current_thread() is threading.main_thread()
         sigterm = signal.getsignal(signal.SIGTERM) if main else None
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=os.cpu_count(), **kwargs)
+        _init_with_retries(ray, address, kwargs)
         if main and callable(sigterm):
             signal.signal(signal.SIGTERM, sigterm)
     return ray.cluster_resources()
+
+
+#: Attempts to start (or join) Ray before giving up, and the pause before each retry, seconds.
+STARTUP_ATTEMPTS = 3
+STARTUP_BACKOFF_S = (2.0, 5.0)
+
+
+class ExecutorError(CapfiltError):
+    """Ray could not be started or joined (raised before the output folder is touched)."""
+
+
+def _init_with_retries(ray: Any, address: str | None, kwargs: dict[str, Any]) -> None:
+    """``ray.init`` with retries and back-off; one readable paragraph when it keeps failing.
+
+    A local Ray on a busy machine sometimes misses its own 30 s start-up window ("The current
+    node timed out during startup"); a second try usually succeeds once the load passes.
+
+    Raises:
+        ExecutorError: every attempt failed; names the last error and what to do.
+    """
+    from capfilt.errors import one_line, shorten
+
+    last: BaseException | None = None
+    for attempt in range(STARTUP_ATTEMPTS):
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=os.cpu_count(), **kwargs)
+            return
+        except Exception as e:  # Ray raises plain Exception/RuntimeError/ConnectionError here
+            last = e
+            try:
+                ray.shutdown()  # clean up a half-started local node before the next try
+            except Exception:  # pragma: no cover - best effort
+                pass
+            if attempt + 1 < STARTUP_ATTEMPTS:
+                pause = STARTUP_BACKOFF_S[min(attempt, len(STARTUP_BACKOFF_S) - 1)]
+                log.warning("Ray did not start (%s); retrying in %.0f s (attempt %d of %d)",
+                            shorten(one_line(e), 200), pause, attempt + 2, STARTUP_ATTEMPTS)
+                time.sleep(pause)
+    where = f"join the Ray cluster at {address}" if address else "start a local Ray on this machine"
+    advice = ("Check that the cluster is up and the address is right (ray status), or drop --ray-address to "
+              "run on a local Ray." if address else
+              "This happens when the machine is very busy. Retry when it is less loaded, or run without Ray "
+              "with --executor local (in-process), or join a running cluster with --ray-address.")
+    raise ExecutorError(f"could not {where} after {STARTUP_ATTEMPTS} attempts (last error: {type(last).__name__}: "
+                        f"{shorten(one_line(last), 300)}). Nothing was written to the output. {advice}") from None
 
 
 def shutdown_local_ray() -> int:
