@@ -24,11 +24,12 @@ from capfilt.io.run_record import RunRecord, run_record_location, write_run_reco
 from capfilt.io.writer import committed_keys, scan_output
 from capfilt.output import check_not_file, check_overlap, identity, prepare_output, run_id_of, start_record
 from capfilt.plan import Source, fingerprints, inspect_source, plan_shards
+from capfilt.progress import RunProgress
 from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import specs_table
-from capfilt.stages.write import reconcile_parts
 from capfilt.stages.registry import build_stages, known_stages, model_roles, output_schema, totals_from_stats
+from capfilt.stages.write import reconcile_parts
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ class RunOptions:
     ``overrides`` are applied to the recipe: ``{"section.key": value}`` with typed values (what the
     CLI passes), or ``section.key=value`` strings whose values are parsed as YAML. ``executor`` ``ray``
     runs one streaming Ray Data job (local Ray unless ``ray_address``/``RAY_ADDRESS``); ``local``
-    runs the stages in this process (model-free recipes, debugging).
+    runs the stages in this process (model-free recipes, debugging). ``progress`` shows Ray's
+    progress bars; ``progress_every`` is the seconds between progress lines in the log
+    (:mod:`capfilt.progress`; 0: only the last one).
     """
 
     inputs: list[str]
@@ -52,6 +55,7 @@ class RunOptions:
     executor: Literal["ray", "local", "auto"] = "auto"
     overwrite: bool = False
     progress: bool = True
+    progress_every: float = 30.0
 
 
 @dataclass
@@ -146,7 +150,14 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     table = specs_table(specs)
     try:
         stream = run_ray(table, plans, opts.ray_address, opts.progress) if executor == "ray" else run_local(table, plans)
-        written = [json.loads(s) for batch in stream for s in batch.column("stats").to_pylist()]
+        written = []
+        done_rows = total_rows - sum(s.pending for s in specs)
+        with RunProgress(total_rows, done_rows, opts.progress_every) as progress:
+            for batch in stream:
+                for s in batch.column("stats").to_pylist():
+                    written.append(json.loads(s))
+                    progress.add(written[-1])
+        log.info(progress.line())
         exec_seconds = time.time() - t_exec
         reconcile_parts(out, run_id, known_stages())
         parts = scan_output(out)[0]

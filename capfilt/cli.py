@@ -93,7 +93,10 @@ def run(
                                                        "RAY_ADDRESS or a local Ray.")] = None,
     executor: Annotated[str, typer.Option(help="ray | local (in-process) | auto")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Delete an existing output of a different run first.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show Ray's progress bars (a terminal); capfilt's progress lines "
+                                           "are logged either way.")] = True,
+    progress_every: Annotated[float, typer.Option(help="Seconds between capfilt's progress lines (rows done / "
+                                                  "total, rows/s, ETA, failures, stage time).", min=0)] = 30.0,
 ) -> None:
     """Run a CapFilt pipeline: read -> download -> caption -> score -> select -> write shards.
 
@@ -122,7 +125,9 @@ def run(
              "decontam.eval_sets": list(decontaminate) if decontaminate else None}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     opts = RunOptions(inputs=input, output=output, pipeline=pipeline, models=models, overrides=overrides,
-                      ray_address=ray_address, executor=executor, overwrite=overwrite, progress=progress)
+                      ray_address=ray_address, executor=executor, overwrite=overwrite, progress=progress,
+                      progress_every=progress_every)
+    _log_to_stderr()
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         result = api_run(opts)
@@ -137,6 +142,19 @@ def run(
 
         shutdown_local_ray()  # no Ray worker of this run outlives it
     print_summary(result, console)
+
+
+def _log_to_stderr() -> None:
+    """capfilt's INFO lines (progress, warnings) to stderr with a timestamp; other libraries untouched."""
+    import logging
+
+    logger = logging.getLogger("capfilt")
+    if not any(getattr(h, "_capfilt", False) for h in logger.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s capfilt: %(message)s", "%H:%M:%S"))
+        h._capfilt = True
+        logger.addHandler(h)
+        logger.setLevel(logging.INFO)
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:

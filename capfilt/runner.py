@@ -459,6 +459,8 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
+    if not progress:  # capfilt's own progress lines replace Ray Data's "Total Progress: 0/?" every 10 s
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx.target_max_block_size = 1 << 30  # keep a shard one block (images ~40 KB x rows_per_shard)
     ctx.execution_options.verbose_progress = False
 
