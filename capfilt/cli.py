@@ -21,6 +21,25 @@ from rich.console import Console
 from capfilt.errors import CapfiltError
 from capfilt.summary import print_summary
 
+def _no_type_for_flags() -> None:
+    """Typer 0.2x with click 8.2+ prints ``<bool>`` after every flag in ``--help`` (a flag takes no
+    value); show no type for flags instead, in every capfilt command."""
+    from typer.core import TyperOption
+
+    original = TyperOption.display_type_rich
+    if getattr(original, "_capfilt", False):
+        return
+
+    def display_type_rich(self, ctx):  # noqa: ANN001 - typer's signature
+        """Typer's type column, empty for flags."""
+        return None if getattr(self, "is_flag", False) else original(self, ctx)
+
+    display_type_rich._capfilt = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_type_for_flags()
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="CapFilt (BLIP / BLIP-2) data curation: download, caption, filter, write Parquet shards.")
 console = Console(stderr=False)

@@ -37,11 +37,9 @@ def _duration(s: float) -> str:
 
 def rate_text(rows: float, seconds: float) -> str:
     """``rows / seconds`` with enough digits that a slow run never shows ``0.0`` (e.g. ``0.012 rows/s``)."""
-    r = rows / seconds if seconds > 0 else 0.0
-    if r == 0:
-        return "0 rows/s"
-    digits = 1 if r >= 10 else 2 if r >= 1 else 3 if r >= 0.01 else 4
-    return f"{r:,.{digits}f} rows/s"
+    from capfilt.summary import rate
+
+    return f"{rate(rows / seconds if seconds > 0 else 0.0)} rows/s"
 
 
 class RunProgress:

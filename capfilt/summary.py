@@ -20,9 +20,17 @@ def print_summary(result, con: Console | None = None) -> None:
     tk = t.get("texts_kept", {})
     table.add_row("texts kept (web / synthetic)", f"{tk.get('web', 0):,} / {tk.get('synthetic', 0):,}")
     for stage, tp in t.get("throughput", {}).items():
-        rate = ", ".join(f"{v:.2f} {k.replace('_per_s', '')}/s" for k, v in tp.items() if k.endswith("_per_s"))
+        rate = ", ".join(f"{rate(v)} {k.replace('_per_s', '')}/s" for k, v in tp.items() if k.endswith("_per_s"))
         table.add_row(f"{stage} throughput", rate)
     table.add_row("shard parts written / already done", f"{result.parts_written} / {result.parts_skipped}")
     table.add_row("output", str(result.output))
     table.add_row("wall time", f"{result.wall_seconds:.1f} s")
     con.print(table)
+
+
+def rate(v: float) -> str:
+    """A per-second rate with enough digits that a slow stage never reads ``0.00`` (``0.0042``)."""
+    if v == 0:
+        return "0"
+    digits = 1 if v >= 10 else 2 if v >= 1 else 3 if v >= 0.01 else 4
+    return f"{v:,.{digits}f}"

@@ -120,3 +120,15 @@ def test_flags_are_values_and_set_names_the_override(tmp_path, served_input):
     r = _capfilt("run", "-i", str(inp), "-o", str(tmp_path / "o"), "--set", "download.encode_format=png")
     _assert_one_message(r, "download.encode_format=png", "download.encode_quality", "0-9")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("cmd", [["run"], ["demo"], ["report"], ["inspect"], ["train", "blip"], ["synth"],
+                                 ["bootstrap"]])
+def test_help_shows_no_type_after_flags(cmd):
+    from typer.testing import CliRunner
+
+    from capfilt.cli import app
+
+    r = CliRunner().invoke(app, [*cmd, "--help"], env={"COLUMNS": "160"})
+    assert r.exit_code == 0 and "--help" in r.output
+    assert "<bool>" not in r.output
