@@ -48,6 +48,8 @@ def inspect_source(cfg: PipelineConfig, inputs: list[str]) -> Source:
     """
     if cfg.source == "metadata":
         files = inspect_inputs(inputs, cfg.input)
+        if not cfg.download.allow_private_network and cfg.download.enabled:
+            warn_private_hosts(files)
         return Source(files, cfg.score.scorers if cfg.score.enabled else [], passthrough_fields(files))
     if len(inputs) != 1:
         raise ConfigError("the refilter recipe reads exactly one capfilt output: --input OLD_OUT")
@@ -68,6 +70,82 @@ def inspect_source(cfg: PipelineConfig, inputs: list[str]) -> Source:
                           f"`capfilt run` with score.scorers including {missing}, or select on what exists.")
     contract = {f.name for f in output_schema([], scorers)}
     return Source([], scorers, [f for f in old_schema if f.name not in contract], src, old_parts)
+
+
+#: URLs sampled per input file, and host names resolved at most, by :func:`warn_private_hosts`.
+PRIVATE_SAMPLE, PRIVATE_RESOLVE, PRIVATE_RESOLVE_TIMEOUT_S = 200, 8, 2.0
+
+
+def private_share(urls: list[str]) -> tuple[float, str | None]:
+    """Share of ``urls`` whose host is a loopback/private/link-local address, and one example.
+
+    IP literals and ``localhost`` are judged directly; up to :data:`PRIVATE_RESOLVE` other host
+    names are resolved (in parallel, at most :data:`PRIVATE_RESOLVE_TIMEOUT_S` seconds in all;
+    a name that does not answer in time counts as public).
+    """
+    import concurrent.futures as cf
+    import socket
+    from urllib.parse import urlsplit
+
+    from capfilt.io.fetch import address_block_reason
+
+    def private_host(host: str) -> bool:
+        """True when ``host`` (a literal or a name) is a non-public address."""
+        if host in ("localhost",) or host.endswith(".localhost"):
+            return True
+        try:
+            return address_block_reason(host) is not None
+        except ValueError:  # a name, not a literal
+            infos = socket.getaddrinfo(host, 80, type=socket.SOCK_STREAM)
+            return any(address_block_reason(str(i[4][0])) is not None for i in infos)
+
+    hosts = []
+    for u in urls:
+        try:
+            hosts.append((urlsplit(u).hostname or "").lower())
+        except ValueError:
+            hosts.append("")
+    hosts = [h for h in hosts if h]
+    if not hosts:
+        return 0.0, None
+    verdict: dict[str, bool] = {}
+    names = []
+    for h in dict.fromkeys(hosts):
+        try:
+            verdict[h] = h == "localhost" or h.endswith(".localhost") or address_block_reason(h) is not None
+        except ValueError:
+            names.append(h)
+    pool = cf.ThreadPoolExecutor(max_workers=PRIVATE_RESOLVE)
+    futures = {pool.submit(private_host, h): h for h in names[:PRIVATE_RESOLVE]}
+    done, _ = cf.wait(futures, timeout=PRIVATE_RESOLVE_TIMEOUT_S)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for f in done:
+        try:
+            verdict[futures[f]] = f.result()
+        except OSError:
+            verdict[futures[f]] = False
+    judged = [h for h in hosts if h in verdict]
+    private = [h for h in judged if verdict[h]]
+    return (len(private) / len(judged) if judged else 0.0), (private[0] if private else None)
+
+
+def warn_private_hosts(files: list[InputFile]) -> None:
+    """Warn before any work when most sampled URLs point at private/loopback hosts, which the
+    download stage refuses (``blocked_address``) unless ``--allow-private-network``."""
+    import logging
+
+    from capfilt.io.reader import read_rows
+
+    urls: list[str] = []
+    for f in files:
+        t = read_rows(f, 0, min(f.num_rows, PRIVATE_SAMPLE))
+        urls += [u for u in t.column("url").to_pylist() if isinstance(u, str)]
+    share, example = private_share(urls)
+    if share > 0.5:
+        logging.getLogger(__name__).warning(
+            "%.0f%% of the sampled input URLs point at loopback/private addresses (e.g. host %s); the download "
+            "stage refuses them as blocked_address. If that is intended (a local mirror, a test server), pass "
+            "--allow-private-network.", 100 * share, example)
 
 
 def fingerprints(src: Source) -> dict[str, str]:

@@ -31,3 +31,22 @@ def test_second_in_process_run_reads_the_edited_file(tmp_path, executor):
 
         assert go("old") == [f"old {n}" for n in names]
         assert go("new") == [f"new {n}" for n in names]
+
+
+def test_mostly_private_hosts_warn_before_the_run_with_the_flag_to_pass(tmp_path, caplog):
+    """Issue 14: 249 s of work to learn that loopback URLs are refused; now a warning before any work."""
+    import logging
+
+    from capfilt.config import load_pipeline
+    from capfilt.plan import inspect_source
+
+    (tmp_path / "in.csv").write_text("url,caption\n" + "".join(f"http://127.0.0.1:9/{i}.jpg,c\n" for i in range(6))
+                                     + "http://192.0.2.10/x.jpg,c\n")
+    with caplog.at_level(logging.WARNING, logger="capfilt.plan"):
+        inspect_source(load_pipeline("download"), [str(tmp_path / "in.csv")])
+    assert "point at loopback/private addresses (e.g. host 127.0.0.1)" in caplog.text
+    assert "--allow-private-network" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="capfilt.plan"):
+        inspect_source(load_pipeline("download", {"download.allow_private_network": True}), [str(tmp_path / "in.csv")])
+    assert "loopback/private" not in caplog.text
