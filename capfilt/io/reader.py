@@ -116,6 +116,10 @@ def _suffix(path: str) -> str:
     return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
 
 
+#: Suffixes of image files, which are not metadata (a common first mistake: ``--input photo.jpg``).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".avif"}
+
+
 def detect_format(loc: Location, input_format: str) -> str:
     """The file's format: ``input_format`` unless ``auto``, else from the suffix.
 
@@ -128,6 +132,10 @@ def detect_format(loc: Location, input_format: str) -> str:
     if fmt == "jsonl" and _suffix(loc.path) == ".json" and _is_coco(loc):
         return "coco"
     if fmt is None:
+        if _suffix(loc.path) in IMAGE_SUFFIXES:
+            raise InputError(f"{loc.uri} is an image, but --input takes metadata: a table of image URLs and captions "
+                             f"(Parquet, CSV/TSV, JSONL, or a .txt list of URLs). To curate local images, list "
+                             f"them as file:// URLs in a CSV (url,caption) and pass --allow-file-urls.")
         raise InputError(f"{loc.uri}: unknown input format; use --input-format parquet|csv|tsv|jsonl|txt")
     return fmt
 

@@ -170,3 +170,13 @@ def test_same_file_through_a_symlink_is_refused(tmp_path):
         inspect_inputs([str(tmp_path / "data"), str(tmp_path / "link.csv")], InputConfig())
     with pytest.raises(InputError, match="given twice"):
         inspect_inputs([str(tmp_path / "data/a.csv"), str(tmp_path / "data/../link.csv")], InputConfig())
+
+
+def test_an_image_given_as_input_is_named_as_an_image(tmp_path):
+    from capfilt.config import InputConfig
+    from capfilt.errors import InputError
+    from capfilt.io.reader import inspect_inputs
+
+    (tmp_path / "photo.JPG").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    with pytest.raises(InputError, match=r"photo.JPG is an image, but --input takes metadata.*file:// URLs"):
+        inspect_inputs([str(tmp_path / "photo.JPG")], InputConfig())
