@@ -103,6 +103,9 @@ pre{background:#f1f5f9;border-radius:6px;padding:10px;overflow:auto;font-size:12
 .unavailable{color:var(--muted);font-style:italic}
 p.suggest{background:var(--okbg);border:1px solid #86efac;border-radius:8px;padding:10px 14px;margin:8px 0 12px;max-width:110ch}
 footer{color:var(--muted);font-size:12px;text-align:center;padding:0 0 32px}
+table.sortable th{cursor:pointer;user-select:none}
+table.sortable th[data-dir=asc]::after{content:" ▲"}table.sortable th[data-dir=desc]::after{content:" ▼"}
+input.filter{margin:4px 0 8px;padding:5px 8px;border:1px solid var(--line);border-radius:6px;width:280px}
 """
 
 
@@ -519,6 +522,45 @@ def _card(row: dict[str, Any], images: dict[str, str | None]) -> str:
             f'{lines}</div></div>')
 
 
+#: The report's only script: click a header of a ``table.sortable`` to sort by it (again: reverse);
+#: type in the ``input.filter`` before it to show only rows containing the text. Allowed by the
+#: page's CSP through its SHA-256 (no other script can run).
+_SORT_JS = """document.querySelectorAll('table.sortable').forEach(function(t){
+var body=t.tBodies[0],f=document.getElementById(t.dataset.filter);
+t.querySelectorAll('th').forEach(function(th,i){th.addEventListener('click',function(){
+var dir=th.dataset.dir==='asc'?'desc':'asc';t.querySelectorAll('th').forEach(function(h){delete h.dataset.dir;});
+th.dataset.dir=dir;var rows=Array.prototype.slice.call(body.rows);
+rows.sort(function(a,b){var x=a.cells[i].dataset.v,y=b.cells[i].dataset.v,c;
+if(x!==undefined&&y!==undefined){c=parseFloat(x)-parseFloat(y);}else{c=a.cells[i].textContent.localeCompare(b.cells[i].textContent);}
+return dir==='asc'?c:-c;});rows.forEach(function(r){body.appendChild(r);});});});
+if(f){f.addEventListener('input',function(){var q=f.value.toLowerCase();
+Array.prototype.forEach.call(body.rows,function(r){r.style.display=r.textContent.toLowerCase().indexOf(q)>=0?'':'none';});});}
+});"""
+
+
+def _sample_table(samples: list[dict[str, Any]]) -> str:
+    """The sampled rows as a sortable, filterable table (no network; one inline script)."""
+    def num(v: float | None) -> str:
+        return '<td class="n"></td>' if v is None else f'<td class="n" data-v="{v:.6f}">{v:.3f}</td>'
+
+    body = []
+    for r in samples:
+        web = r.get("web") or {}
+        kept = [t for t in [web, *(r.get("synthetic") or [])] if t and t.get("kept")]
+        best = max(kept, key=lambda t: t.get("score") if t.get("score") is not None else -1, default=None)
+        keep = "" if r.get("keep") is None else ("kept" if r["keep"] else f"dropped: {r.get('drop_reason') or ''}")
+        body.append(f"<tr><td>{_e(r['key'])}</td><td>{_e(r.get('status') or '')}</td><td>{_e(keep)}</td>"
+                    f"{num(web.get('score'))}<td>{_e(web.get('text') or '')}</td>"
+                    f"{num(best.get('score') if best else None)}<td>{_e(best['text'] if best else '')}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("key", "status", "selection", "web score", "web caption",
+                                               "best kept score", "best kept caption"))
+    return ('<h3>Sampled rows as a table</h3><p class="note">Click a column to sort (again to reverse); type to '
+            'filter.</p><input class="filter" id="sample-filter" type="search" placeholder="filter rows…" '
+            'aria-label="filter rows">'
+            f'<div class="scroll"><table class="sortable" id="sample-table" data-filter="sample-filter">'
+            f'<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
+
+
 def _section_samples(data: dict[str, Any], images: dict[str, str | None]) -> str:
     samples = data["samples"]
     what = ("with the web caption and the synthetic captions, each with its score and whether the filter kept it"
@@ -527,6 +569,8 @@ def _section_samples(data: dict[str, Any], images: dict[str, str | None]) -> str
              f"{what}.</p>"]
     parts.append('<div class="grid">' + "".join(_card(r, images) for r in samples) + "</div>" if samples
                  else '<p class="unavailable">No downloaded images to show.</p>')
+    if samples:
+        parts.append(_sample_table(samples))
     bl = data.get("borderline") or {}
     if bl.get("lowest_kept_web") or bl.get("highest_dropped_web"):
         parts.append(f"<h3>Where the threshold bites</h3><p class=\"note\">Web captions ranked by "
@@ -539,6 +583,14 @@ def _section_samples(data: dict[str, Any], images: dict[str, str | None]) -> str
             parts.append('<div class="grid">' + "".join(_card(r, images) for r in rows) + "</div>" if rows
                          else '<p class="unavailable">None.</p>')
     return "".join(parts)
+
+
+def _script_hash() -> str:
+    """The CSP source allowing exactly :data:`_SORT_JS` (``sha256-<base64>``)."""
+    import base64
+    import hashlib
+
+    return "sha256-" + base64.b64encode(hashlib.sha256(_SORT_JS.encode()).digest()).decode()
 
 
 def render_html(data: dict[str, Any], plots: dict[str, bytes], images: dict[str, bytes]) -> str:
@@ -571,12 +623,13 @@ def render_html(data: dict[str, Any], plots: dict[str, bytes], images: dict[str,
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src '{_script_hash()}'">
 <title>capfilt report: {_e(data['output'])}</title>
 <style>{_CSS}</style></head>
 <body><header><h1>CapFilt dataset report</h1><div class="sub">{_e(data['output'])} · generated {now}</div>
 <nav>{nav}</nav></header>
 <main>{_banners(data)}{body}</main>
 <footer>capfilt {_e(__version__)} · report format {data['report_version']} · every number here is also in the JSON report</footer>
+<script>{_SORT_JS}</script>
 </body></html>
 """

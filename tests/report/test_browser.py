@@ -108,3 +108,38 @@ def test_labels_section_renders_in_chromium(tmp_path, browser):
     assert browser.find_element("css selector", 'nav a[href="#labels"]').text == LABELS_SECTION[1]
     errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert errors == []
+
+
+def test_sample_table_sorts_and_filters_in_chromium(tmp_path, browser):
+    """Issue 14: the sampled rows as a table a curator can sort (click a header; again to reverse)
+    and filter (type), with the page's only script allowed by its CSP hash (no console error)."""
+    out = make_output(tmp_path / "out", rows=90, rows_per_shard=30, seed=5)
+    html = tmp_path / "report.html"
+    data = build_report(out, html=html, json_path=tmp_path / "report.json", samples=16)
+    browser.get(html.as_uri())
+    table = browser.find_element("id", "sample-table")
+    rows = lambda: [r for r in table.find_elements("css selector", "tbody tr") if r.is_displayed()]  # noqa: E731
+    assert len(rows()) == len(data["samples"]) == 16
+
+    def column(i):
+        return [r.find_elements("tag name", "td")[i].get_attribute("data-v") for r in rows()]
+
+    header = table.find_elements("css selector", "thead th")[3]  # web score
+    browser.execute_script("arguments[0].scrollIntoView()", header)
+    header.click()
+    asc = [float(v) for v in column(3) if v is not None]
+    assert len(asc) >= 10 and asc == sorted(asc)
+    header.click()
+    desc = [float(v) for v in column(3) if v is not None]
+    assert desc == sorted(asc, reverse=True)
+    key = data["samples"][3]["key"]
+    box = browser.find_element("id", "sample-filter")
+    box.send_keys(key)
+    shown = rows()
+    assert len(shown) == 1 and shown[0].find_elements("tag name", "td")[0].text == key
+    box.clear()
+    box.send_keys("x")  # clear() fires no input event; a new keystroke re-filters
+    box.send_keys("\b")
+    assert len(rows()) == 16
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert errors == []
