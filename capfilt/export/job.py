@@ -166,6 +166,7 @@ def export_output(out: str, fmt: Format, to: str, all_rows: bool = False,
         if on_shard:
             on_shard(results[-1])
 
+    commit.clear_temporaries(dest)
     totals = _sum([r.stats for r in results])
     expected = sum(p.rows for p in src.parts if p.rows is not None)
     if all(p.rows is not None for p in src.parts) and totals["rows_in"] != expected:

@@ -1,0 +1,107 @@
+"""An export is resumable and never loses a row silently: a rerun rewrites only the shards that are
+not done, incomplete source parts are skipped and reported (exit 2), bad folders are refused with one
+message, and counts that do not add up stop the export."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from capfilt.errors import OutputError
+from capfilt.export import export_output
+from tests.export.helpers import cli, read_tars, source_rows, stats
+from tests.helpers.report_fixture import make_output
+
+pytest.importorskip("webdataset")
+
+
+def _mtimes(dest: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(dest.glob("*.tar"))}
+
+
+@pytest.mark.parametrize("lose", ["tar", "stats"])
+def test_rerun_rewrites_only_the_missing_shard(tmp_path, lose):
+    out = make_output(tmp_path / "out", rows=100, rows_per_shard=25)
+    dest = tmp_path / "wds"
+    assert cli(out, "--to", dest).exit_code == 0
+    before, counts = _mtimes(dest), stats(dest)
+    if lose == "tar":
+        (dest / "00002.tar").unlink()
+    else:  # a crash between moving the shard into place and writing its stats
+        (dest / "_stats" / "00002.stats.json").unlink()
+    (dest / "_capfilt" / "tmp").mkdir()
+    (dest / "_capfilt" / "tmp" / "00003.0123.tar").write_bytes(b"half a shard")  # a crashed write
+    r = cli(out, "--to", dest)
+    assert r.exit_code == 0, r.output
+    after = _mtimes(dest)
+    assert [n for n in after if after[n] != before.get(n)] == ["00002.tar"]
+    assert r.output.count("(already done)") == 3
+    assert stats(dest) == counts                                   # same counts, still adding up
+    assert not (dest / "_capfilt" / "tmp").exists()
+    assert [s["__key__"] for s in read_tars(dest)] == [x["key"] for x in source_rows(out) if x["keep"]]
+
+
+def test_changed_options_or_source_redo_the_shards(tmp_path):
+    out = make_output(tmp_path / "out", rows=50, rows_per_shard=25)
+    dest = tmp_path / "wds"
+    assert cli(out, "--to", dest).exit_code == 0
+    kept = sum(s["written"] for s in stats(dest).values())
+    assert cli(out, "--to", dest, "--all").exit_code == 0            # other options: every shard redone
+    assert sum(s["written"] for s in stats(dest).values()) == sum(1 for x in source_rows(out) if x["image"]) > kept
+    # the source part 00001 disappears (e.g. reconciled away): its shard is removed, not left to duplicate rows
+    (out / "00001.parquet").unlink()
+    (out / "_stats" / "00001.stats.json").unlink()
+    r = cli(out, "--to", dest, "--all")
+    assert r.exit_code == 0 and "removed 1 shard(s) whose source part no longer exists: 00001" in r.output
+    assert sorted(p.name for p in dest.glob("*.tar")) == ["00000.tar"] and sorted(stats(dest)) == ["00000"]
+
+
+def test_incomplete_source_shard_is_skipped_and_reported(tmp_path):
+    out = make_output(tmp_path / "out", rows=75, rows_per_shard=25, incomplete_shards=1)
+    dest = tmp_path / "wds"
+    r = cli(out, "--to", dest)
+    assert r.exit_code == 2
+    assert "1 shard(s) of" in r.output and "00002.parquet" in r.output and "were not exported" in r.output
+    assert sorted(p.name for p in dest.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    summary = json.loads((dest / "_capfilt" / "export.json").read_text())
+    assert summary["status"] == "partial" and summary["skipped_incomplete"] == ["00002.parquet"]
+    assert summary["totals"]["rows_in"] == 50
+    # the run finishes (its stats appear): the rerun writes only that shard
+    before = _mtimes(dest)
+    (out / "_stats" / "00002.stats.json").write_text(json.dumps({"rows": 25}))
+    r = cli(out, "--to", dest)
+    assert r.exit_code == 0, r.output
+    after = _mtimes(dest)
+    assert [n for n in after if after[n] != before.get(n)] == ["00002.tar"]
+    assert json.loads((dest / "_capfilt" / "export.json").read_text())["totals"]["rows_in"] == 75
+
+
+def test_bad_folders_exit_2_with_one_message(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = cli(tmp_path / "empty", "--to", tmp_path / "d1")
+    assert r.exit_code == 2 and "is not a capfilt output" in r.output and "Traceback" not in r.output
+    r = cli(tmp_path / "nowhere", "--to", tmp_path / "d2")
+    assert r.exit_code == 2 and "does not exist" in r.output
+    out = make_output(tmp_path / "out", rows=20, rows_per_shard=20)
+    r = cli(out, "--to", out)
+    assert r.exit_code == 2 and "is the output folder itself" in r.output
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"x")
+    r = cli(out, "--to", tmp_path / "photos")
+    assert r.exit_code == 2 and "not a capfilt export" in r.output
+    assert sorted(os.listdir(tmp_path / "photos")) == ["holiday.jpg"]
+    assert cli(out, "--to", tmp_path / "wds").exit_code == 0
+    r = cli(out, "--to", tmp_path / "wds", "--format", "hf-parquet")
+    assert r.exit_code == 2 and "holds a webdataset export" in r.output
+    r = cli(out, "--to", tmp_path / "x", "--format", "csv")
+    assert r.exit_code == 2 and "'csv' is not one of webdataset, hf-parquet" in r.output
+
+
+def test_a_part_that_disagrees_with_its_stats_stops_the_export(tmp_path):
+    out = make_output(tmp_path / "out", rows=40, rows_per_shard=20)
+    (out / "_stats" / "00001.stats.json").write_text(json.dumps({"rows": 21}))
+    with pytest.raises(OutputError, match=r"00001.parquet holds 20 rows but its stats file says 21"):
+        export_output(str(out), "webdataset", str(tmp_path / "wds"))
