@@ -6,9 +6,19 @@ readers) and HF Parquet with the ``Image`` feature (``datasets``, the Hub viewer
 (:mod:`~capfilt.export.source`) are streamed one at a time into shards committed whole
 (:mod:`~capfilt.export.commit`) by the format's writer (:mod:`~capfilt.export.webdataset`,
 :mod:`~capfilt.export.hf`). This package reads outputs through :mod:`capfilt.io` only; it never
-imports the stages or the runner.
+imports the stages or the runner. Imports are lazy so that ``capfilt --help`` stays light.
 """
 
-from capfilt.export.job import ExportResult, ShardResult, export_output
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["ExportResult", "ShardResult", "export_output"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from capfilt.export import job
+
+        return getattr(job, name)
+    raise AttributeError(f"module 'capfilt.export' has no attribute {name!r}")
