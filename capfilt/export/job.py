@@ -99,8 +99,10 @@ def _check_counts(where: str, stats: dict[str, Any], expected_rows: int | None) 
 
 def _prepare_dest(src: Source, dest: Location, fmt: str, all_rows: bool) -> dict[str, Any]:
     """Refuse a destination that is the source or holds something else; return the export record."""
-    if dest.path.rstrip("/") == src.out.path.rstrip("/") and type(dest.fs) is type(src.out.fs):
-        raise OutputError(f"--to {dest.uri} is the output folder itself: give another folder for the export.")
+    if type(dest.fs) is type(src.out.fs) and (dest.path.rstrip("/") + "/").startswith(src.out.path.rstrip("/") + "/"):
+        where = "the output folder itself" if dest.path.rstrip("/") == src.out.path.rstrip("/") else "inside the output folder"
+        raise OutputError(f"--to {dest.uri} is {where}, where its shards would mix with the run's (readers of "
+                          f"{src.out.uri} would pick them up): give a folder outside it.")
     record = {"export_version": EXPORT_VERSION, "source": src.out.uri, "format": fmt, "all_rows": all_rows,
               "run_id": src.record.run_id if src.record else None}
     if dest.exists():

@@ -88,6 +88,8 @@ def test_bad_folders_exit_2_with_one_message(tmp_path):
     out = make_output(tmp_path / "out", rows=20, rows_per_shard=20)
     r = cli(out, "--to", out)
     assert r.exit_code == 2 and "is the output folder itself" in r.output
+    r = cli(out, "--to", out / "wds")
+    assert r.exit_code == 2 and "is inside the output folder" in r.output and not (out / "wds").exists()
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "holiday.jpg").write_bytes(b"x")
     r = cli(out, "--to", tmp_path / "photos")
@@ -105,3 +107,33 @@ def test_a_part_that_disagrees_with_its_stats_stops_the_export(tmp_path):
     (out / "_stats" / "00001.stats.json").write_text(json.dumps({"rows": 21}))
     with pytest.raises(OutputError, match=r"00001.parquet holds 20 rows but its stats file says 21"):
         export_output(str(out), "webdataset", str(tmp_path / "wds"))
+
+
+def test_an_export_interrupted_mid_shard_finishes_on_rerun(tmp_path, monkeypatch):
+    """Ctrl-C while the second shard is being written: the first stays committed, nothing half-written
+    is left in place, and the same command finishes the rest."""
+    from capfilt.export import webdataset as wds_export
+
+    out = make_output(tmp_path / "out", rows=75, rows_per_shard=25)
+    dest = tmp_path / "wds"
+    real = wds_export.write_tar
+    calls = []
+
+    def interrupted(batches, stream, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            stream.write(b"partial tar bytes")
+            raise KeyboardInterrupt
+        return real(batches, stream, *args)
+
+    monkeypatch.setattr(wds_export, "write_tar", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_output(str(out), "webdataset", str(dest))
+    assert sorted(p.name for p in dest.glob("*.tar")) == ["00000.tar"] and sorted(stats(dest)) == ["00000"]
+    assert not list((dest / "_capfilt" / "tmp").glob("*"))
+    assert json.loads((dest / "_capfilt" / "export.json").read_text())["status"] == "running"
+    monkeypatch.setattr(wds_export, "write_tar", real)
+    result = export_output(str(out), "webdataset", str(dest))
+    assert [(s.name, s.written_now) for s in result.shards] == [("00000", False), ("00001", True), ("00002", True)]
+    assert result.totals["rows_in"] == 75 == result.totals["written"] + sum(result.totals["filtered"].values())
+    assert [s["__key__"] for s in read_tars(dest)] == [x["key"] for x in source_rows(out) if x["keep"]]
