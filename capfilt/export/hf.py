@@ -131,8 +131,8 @@ def dataset_card(src: Source, totals: dict[str, Any], all_rows: bool) -> str:
               "task_categories": ["image-to-text", "text-to-image"], "tags": ["capfilt", "image-text"]}
     lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
              f"# {name}: image-text pairs curated with capfilt", "",
-             f"Exported from `{src.out.uri}` (run `{rec.run_id if rec else 'unknown'}`, status "
-             f"`{rec.status if rec else 'unknown'}`) by `capfilt export --format hf-parquet`"
+             f"Exported from `{src.out.uri}` (run `{(rec.run_id if rec else None) or 'unknown'}`, status "
+             f"`{(rec.status if rec else None) or 'unknown'}`) by `capfilt export --format hf-parquet`"
              f"{' --all' if all_rows else ''}.", "",
              "| | rows |", "|---|---|",
              f"| rows in the exported shards | {_fmt(totals.get('rows_in'))} |",

@@ -165,21 +165,22 @@ def row_fate(row: dict[str, Any], all_rows: bool) -> str | None:
     """Why ``row`` is not exported, or ``None`` when it is.
 
     Args:
-        row: one output row (``keep`` absent for a download-only recipe: then a downloaded image counts
-            as kept).
+        row: one output row (``keep`` absent for a download-only recipe: then a ``success`` row with
+            an image counts as kept).
         all_rows: export every row with image bytes, kept or not.
 
     Returns:
         ``None`` (export it), ``not_kept:<drop_reason>`` (the filter dropped it; only without
-        ``all_rows``) or ``no_image:<status>`` (no image bytes to export).
+        ``all_rows``), ``no_image:<status>`` (no image bytes to export) or, for a download-only
+        output without ``all_rows``, ``not_kept:<status>`` (an image whose status is not ``success``).
     """
     status = row.get("status") or "unknown"
-    if not all_rows:
-        keep = row.get("keep") if "keep" in row else status == schema.SUCCESS
-        if not keep:
-            return f"not_kept:{row.get('drop_reason') or status}"
+    if not all_rows and "keep" in row and not row["keep"]:
+        return f"not_kept:{row.get('drop_reason') or status}"
     if not row.get("image"):
         return f"no_image:{status}"
+    if not all_rows and "keep" not in row and status != schema.SUCCESS:
+        return f"not_kept:{status}"
     return None
 
 

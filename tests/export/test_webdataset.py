@@ -99,3 +99,19 @@ def test_open_clip_reads_the_layout(out, tmp_path):
     assert all(im.mode == "RGB" and im.size[0] > 0 and isinstance(t, str) and t for im, t in got)
     by_json = [json.loads(s["json"]).get("caption") for s in wds.WebDataset(urls, shardshuffle=False)]
     assert by_json == [x["caption"] for x in source_rows(out) if x["keep"]]
+
+
+def test_download_only_output_exports_every_downloaded_image(tmp_path):
+    """No select stage (no ``keep``): every ``success`` row is exported with its web caption as ``txt``;
+    the rows without an image are counted as ``no_image:<status>``."""
+    out = make_output(tmp_path / "out", rows=40, rows_per_shard=40, recipe="download", seed=5)
+    r = cli(out, "--to", tmp_path / "wds")
+    assert r.exit_code == 0, r.output
+    rows = source_rows(out)
+    ok = [x for x in rows if x["status"] == "success"]
+    samples = read_tars(tmp_path / "wds")
+    assert [s["__key__"] for s in samples] == [x["key"] for x in ok]
+    assert [s["txt"].decode() for s in samples] == [x["caption"] or "" for x in ok]
+    assert [json.loads(s["json"])["text_source"] for s in samples] == ["web" if x["caption"] else "none" for x in ok]
+    want = Counter(f"no_image:{x['status']}" for x in rows if x["status"] != "success")
+    assert stats(tmp_path / "wds")["00000"]["filtered"] == dict(sorted(want.items())) and want
