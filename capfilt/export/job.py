@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from capfilt.errors import OutputError
+from capfilt.errors import OutputError, one_line, shorten, storage_error
 from capfilt.export import commit, hf, webdataset
 from capfilt.export.commit import EXPORT_JSON, SHARD_RE
 from capfilt.export.source import Source, SourcePart, iter_batches, open_source, schema_of
@@ -141,9 +141,23 @@ def export_output(out: str, fmt: Format, to: str, all_rows: bool = False,
     """
     if fmt not in FORMATS:
         raise OutputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    ext = FORMATS[fmt]
     src = open_source(out)
-    dest = locate(to)
+    try:
+        dest = locate(to)
+    except ValueError as e:
+        raise OutputError(f"--to {to}: {e}") from None
+    try:
+        return _export(src, dest, fmt, all_rows, on_shard)
+    except OSError as e:
+        why = storage_error(e) or shorten(one_line(e), 300)
+        raise OutputError(f"cannot write the export to {dest.uri}: {why}. Fix the destination and rerun the same "
+                          f"command: the shards already committed there are kept.") from None
+
+
+def _export(src: Source, dest: Location, fmt: str, all_rows: bool,
+            on_shard: Callable[[ShardResult], None] | None) -> ExportResult:
+    """:func:`export_output` once the source is open (storage errors propagate as ``OSError``)."""
+    ext = FORMATS[fmt]
     record = _prepare_dest(src, dest, fmt, all_rows)
     commit.clear_temporaries(dest)
     present = set(commit.top_files(dest))

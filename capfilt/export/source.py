@@ -19,12 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt import schema
-from capfilt.errors import OutputError
+from capfilt.errors import OutputError, one_line, shorten
 from capfilt.io.filesystem import Location, locate
 from capfilt.io.run_record import RunRecord, read_run_record
 from capfilt.io.writer import list_shards
 
-#: Rows read from a source part at a time (bounded memory: one batch of images in flight).
+#: Rows handed to a writer at a time. pyarrow decodes one Parquet row group at a time, so memory is
+#: bounded by a row group (capfilt's writer puts a part in one) plus this batch as Python objects.
 BATCH_ROWS = 256
 #: Leading bytes of the image formats capfilt stores, and the file extension each gets.
 MAGIC: tuple[tuple[bytes, int, str], ...] = ((b"\xff\xd8\xff", 0, "jpg"), (b"\x89PNG\r\n\x1a\n", 0, "png"),
@@ -78,11 +79,18 @@ def open_source(uri: str) -> Source:
 
     Raises:
         OutputError: ``uri`` is not a folder, or holds neither shards nor ``_capfilt/run.json``
-            (not a capfilt output).
+            (not a capfilt output), or cannot be listed.
     """
+    try:
+        return _open_source(locate(uri))
+    except (OSError, ValueError) as e:  # ValueError: a URI scheme with no filesystem
+        raise OutputError(f"cannot read the output {uri} ({shorten(one_line(e), 300)}): check the path and, for "
+                          f"s3://, the AWS_* credentials and endpoint.") from None
+
+
+def _open_source(out: Location) -> Source:
     import json
 
-    out = locate(uri)
     if not out.is_dir():
         raise OutputError(f"{out.uri} is not a capfilt output folder (it does not exist or is a file): give "
                           f"the --output folder of a `capfilt run`.")
@@ -109,7 +117,7 @@ def open_source(uri: str) -> Source:
 
 
 def iter_batches(src: Source, part: SourcePart, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-    """The rows of ``part``, ``batch_rows`` at a time (only one batch is decoded in memory).
+    """The rows of ``part``, ``batch_rows`` at a time (one row group decoded in memory at a time).
 
     Raises:
         OutputError: the part cannot be read as Parquet (names the file and what to do).

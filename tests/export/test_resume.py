@@ -98,6 +98,8 @@ def test_bad_folders_exit_2_with_one_message(tmp_path):
     assert cli(out, "--to", tmp_path / "wds").exit_code == 0
     r = cli(out, "--to", tmp_path / "wds", "--format", "hf-parquet")
     assert r.exit_code == 2 and "holds a webdataset export" in r.output
+    r = cli(out, "--to", "nosuchscheme://bucket/x")
+    assert r.exit_code == 2 and "no filesystem for scheme 'nosuchscheme'" in r.output
     r = cli(out, "--to", tmp_path / "x", "--format", "csv")
     assert r.exit_code == 2 and "'csv' is not one of webdataset, hf-parquet" in r.output
 
@@ -137,3 +139,26 @@ def test_an_export_interrupted_mid_shard_finishes_on_rerun(tmp_path, monkeypatch
     assert [(s.name, s.written_now) for s in result.shards] == [("00000", False), ("00001", True), ("00002", True)]
     assert result.totals["rows_in"] == 75 == result.totals["written"] + sum(result.totals["filtered"].values())
     assert [s["__key__"] for s in read_tars(dest)] == [x["key"] for x in source_rows(out) if x["keep"]]
+
+
+def test_a_full_disk_is_one_message_and_the_rerun_finishes(tmp_path, monkeypatch):
+    import errno
+
+    from capfilt.export import commit
+
+    out = make_output(tmp_path / "out", rows=40, rows_per_shard=20)
+    real, calls = commit.commit_shard, []
+
+    def full(dest, name, *args):
+        calls.append(name)
+        if name == "00001":
+            raise OSError(errno.ENOSPC, "No space left on device", f"{dest.path}/_capfilt/tmp/{name}.x.tar")
+        return real(dest, name, *args)
+
+    monkeypatch.setattr(commit, "commit_shard", full)
+    r = cli(out, "--to", tmp_path / "wds")
+    assert r.exit_code == 2 and "cannot write the export to" in r.output and "the disk is full" in r.output
+    assert "Traceback" not in r.output and sorted(stats(tmp_path / "wds")) == ["00000"]
+    monkeypatch.setattr(commit, "commit_shard", real)
+    r = cli(out, "--to", tmp_path / "wds")
+    assert r.exit_code == 0 and r.output.count("(already done)") == 1
