@@ -43,7 +43,8 @@ def hf_schema(source_schema: pa.Schema) -> pa.Schema:
         An Arrow schema whose metadata carries the ``huggingface`` features JSON.
 
     Raises:
-        OutputError: ``datasets`` is not installed (names the install command).
+        OutputError: ``datasets`` is not installed (names the install command), or a pass-through
+            column's type has no HF feature.
     """
     try:
         import datasets
@@ -52,7 +53,11 @@ def hf_schema(source_schema: pa.Schema) -> pa.Schema:
                           "(or pip install datasets)") from None
     rest = [f.with_nullable(True) for f in source_schema if f.name != IMAGE]
     plain = pa.schema([pa.field(IMAGE, pa.binary()), pa.field(text_column(source_schema), pa.string()), *rest])
-    features = datasets.Features.from_arrow_schema(plain)
+    try:
+        features = datasets.Features.from_arrow_schema(plain)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise OutputError(f"a column of the output has an Arrow type HF datasets cannot describe ({e}); drop that "
+                          f"input column (capfilt run --keep-columns) or export --format webdataset.") from None
     features[IMAGE] = datasets.Image()
     return features.arrow_schema
 
