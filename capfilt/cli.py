@@ -203,12 +203,14 @@ def demo(
 
 
 def _register_subcommands() -> None:
-    """Add the report/inspect and train commands (their packages own them; imports stay lazy)."""
+    """Add the report/inspect, export and train commands (their packages own them; imports stay lazy)."""
+    from capfilt.export.cli import register as register_export
     from capfilt.report.cli import register as register_report
     from capfilt.synthetic.cli import register as register_synthetic
     from capfilt.train.cli import register as register_train
 
     register_report(app)
+    register_export(app)
     register_train(app)
     register_synthetic(app)
 

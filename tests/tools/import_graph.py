@@ -23,6 +23,8 @@ FORBIDDEN = (
     ("capfilt.modeling", "capfilt.config", "model wrappers take plain arguments, not recipe sections"),
     ("capfilt.stages", "capfilt.runner", "stages never import the Ray runner"),
     ("capfilt.train", "capfilt.api", "the trainer depends on the library, not on the run API"),
+    ("capfilt.export", "capfilt.stages", "exports read outputs through io/, not the pipeline's stages"),
+    ("capfilt.export", "capfilt.runner", "exports never start the Ray runner"),
 )
 #: Names of ``capfilt.config`` that ``capfilt.modeling`` may import (the model preset, not recipes).
 MODELING_MAY_USE = {"ModelSpec", "ModelPreset", "ConfigError", "load_preset", "bundled_dir"}
