@@ -123,7 +123,7 @@ def test_flags_are_values_and_set_names_the_override(tmp_path, served_input):
 
 
 @pytest.mark.parametrize("cmd", [["run"], ["demo"], ["report"], ["inspect"], ["train", "blip"], ["synth"],
-                                 ["bootstrap"]])
+                                 ["bootstrap"], ["export"]])
 def test_help_shows_no_type_after_flags(cmd):
     from typer.testing import CliRunner
 
