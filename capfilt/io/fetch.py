@@ -32,8 +32,14 @@ What one :func:`fetch` call guarantees:
   interrupted; it is bounded by the resolver's own timeout, see ``resolv.conf``).
 - **Size**: a ``Content-Length`` above ``max_bytes`` is refused before reading; otherwise the
   body is read in chunks and refused (``too_large``) as soon as it passes ``max_bytes``. A
-  0-byte body is ``failed_to_download``. ``Accept-Encoding: identity`` is sent; a body that
-  still arrives compressed is decoded chunk by chunk, so the cap applies to decoded bytes.
+  0-byte body is ``failed_to_download``.
+- **No decompression**: ``Accept-Encoding: identity`` is sent, and a body that still arrives with a
+  ``Content-Encoding`` (gzip, deflate, br, zstd) is *not* decoded: it is kept as the raw bytes
+  that came over the wire, which must then decode as an image (a gzip stream does not, and the
+  row fails ``failed_to_download``, "not an image (gzip data ...)"). img2dataset's urllib does
+  not decode either. So a gzip bomb (kilobytes on the wire, gigabytes decoded) costs only its
+  wire size in memory, whatever urllib3's own decompression limits (urllib3 >= 2.7 is required
+  anyway: CVE-2025-66471, CVE-2026-21441, CVE-2026-44432).
 - **Retries**: ``retries`` extra tries, only for transient failures (timeouts, connection
   errors, HTTP 408/425/429/5xx); never for 4xx, blocked or invalid URLs, opt-outs or size limits.
 
@@ -450,7 +456,8 @@ def _request(url: str, cfg, allow_private: bool, deadline: float):
     try:
         conn = _connect(addresses, port, https, host, deadline, watchdog, cfg.timeout)
         try:
-            conn.request("GET", target, headers=headers, preload_content=False, decode_content=True)
+            # decode_content=False: a Content-Encoding we did not ask for stays raw bytes (no gzip bombs)
+            conn.request("GET", target, headers=headers, preload_content=False, decode_content=False)
             resp = conn.getresponse()
         except Exception as e:  # noqa: BLE001 - every transport error is row data
             raise _transport_failure(e, watchdog, cfg.timeout) from None

@@ -410,16 +410,46 @@ def test_chunked_body(server):
     assert r.status == schema.SUCCESS and r.data == HOPPER
 
 
-def test_gzip_body_is_decoded_and_capped_after_decoding(server):
+def test_a_content_encoding_we_did_not_ask_for_is_not_decoded(server):
     import gzip
 
-    _raw_route(server, "/gz", 200, [b"Content-Encoding: gzip"], gzip.compress(HOPPER))
+    # a server that gzips despite Accept-Encoding: identity: the body stays the bytes on the wire
+    wire = gzip.compress(HOPPER)
+    _raw_route(server, "/gz", 200, [b"Content-Type: image/jpeg", b"Content-Encoding: gzip"], wire)
     r = fetch(server.url("gz"), cfg())
-    assert r.status == schema.SUCCESS and r.data == HOPPER
-    bomb = gzip.compress(b"\0" * 20_000_000)  # 20 kB on the wire, 20 MB decoded
-    _raw_route(server, "/gzbomb", 200, [b"Content-Encoding: gzip"], bomb)
-    r = fetch(server.url("gzbomb"), cfg(max_bytes=1_000_000))
-    assert (r.status, r.error_message) == (schema.TOO_LARGE, "body is over the limit of 1,000,000 bytes")
+    assert r.status == schema.SUCCESS and r.data == wire
+    # ... which must then decode as an image: it does not, and the row fails cleanly
+    from capfilt.stages.download import DownloadStage
+
+    row = DownloadStage(cfg()).process_url(server.url("gz"))
+    assert (row.status, row.error_message) == (
+        schema.FAILED_TO_DOWNLOAD,
+        "not an image (gzip data: a Content-Encoding capfilt does not decode, served as image/jpeg)")
+
+
+def test_gzip_bomb_costs_its_wire_size_in_memory_not_its_decoded_size(server):
+    """64 MB of zeros gzip to ~64 kB. The limit (max_bytes, 128 MB) would allow the decoded body, so
+    only not decoding keeps memory down: the old fetch (decode_content=True) held all 64 MB."""
+    import gzip
+    import tracemalloc
+
+    decoded = 64 * 1024 * 1024
+    bomb = gzip.compress(b"\0" * decoded, compresslevel=6)
+    assert len(bomb) < decoded // 500
+    _raw_route(server, "/gzbomb", 200, [b"Content-Type: image/jpeg", b"Content-Encoding: gzip"], bomb)
+    from capfilt.stages.download import DownloadStage
+
+    stage = DownloadStage(cfg(max_bytes=128 * 1024 * 1024))
+    stage.setup()
+    tracemalloc.start()
+    try:
+        row = stage.process_url(server.url("gzbomb"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"gzip bomb: {len(bomb):,} bytes on the wire, {decoded:,} decoded; peak traced memory {peak:,} bytes")
+    assert peak < 8 * 1024 * 1024  # a few copies of the wire bytes, far below the 64 MB decoded size
+    assert row.status == schema.FAILED_TO_DOWNLOAD and "gzip data" in row.error_message
 
 
 def test_redirect_location_sent_as_raw_utf8(server):
