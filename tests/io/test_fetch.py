@@ -583,3 +583,40 @@ def test_shorten_is_the_one_message_cutter():
     assert shorten("abcdefg", 6, "...") == "abc..."
     assert shorten("abcdefg", 6, "") == "abcdef"
     assert one_line("a\n  b\tc ") == "a b c"
+
+
+def test_a_5mb_url_never_reaches_the_server_and_no_message_echoes_it(server, connections):
+    from capfilt.errors import ROW_MESSAGE_CHARS
+
+    path = "/huge-" + "a" * 5_000_000
+    before = dict(server.hits)
+    r = fetch(server.base + path, cfg())
+    assert r.status == schema.INVALID_URL and r.tries == 0
+    assert r.error_message.startswith(f"URL is {len(server.base + path):,} characters long, over the limit of 8,192")
+    assert len(r.error_message) <= ROW_MESSAGE_CHARS
+    assert server.hits == before and connections == []  # not one connection, let alone a request
+    # the limit is on the cleaned URL too: 3,000 spaces become 9,000 characters of %20
+    r = fetch(server.url("sp" + " " * 3000 + ".jpg"), cfg())
+    assert r.status == schema.INVALID_URL and "once percent-encoded" in r.error_message
+    assert server.hits == before and connections == []
+    # a URL just under the limit is requested as usual
+    from capfilt.io.fetch import MAX_URL_CHARS
+
+    ok = server.url("pillow_hopper.jpg") + "?" + "q" * (MAX_URL_CHARS - len(server.url("pillow_hopper.jpg")) - 1)
+    assert len(ok) == MAX_URL_CHARS and fetch(ok, cfg()).status == schema.SUCCESS
+
+
+def test_every_row_message_is_capped_even_when_it_quotes_the_input(server):
+    """A 7,000-character host name that does not resolve: the resolver's message names the host."""
+    from capfilt.errors import ROW_MESSAGE_CHARS
+    from capfilt.stages.download import DownloadStage
+    import pyarrow as pa
+
+    host = "a" * 7000 + ".invalid"
+    r = fetch(f"http://{host}/x.jpg", cfg(retries=0))
+    assert r.status == schema.FAILED_TO_DOWNLOAD and r.error_message.startswith("cannot resolve host aaaa")
+    assert len(r.error_message) == ROW_MESSAGE_CHARS and r.error_message.endswith("...")
+    out = DownloadStage(cfg(retries=0))(pa.table({"url": [f"http://{host}/x.jpg", "http://x/" + "b" * 5_000_000]}))
+    messages = out.column("error_message").to_pylist()
+    assert out.column("status").to_pylist() == [schema.FAILED_TO_DOWNLOAD, schema.INVALID_URL]
+    assert all(len(m) <= ROW_MESSAGE_CHARS for m in messages), [len(m) for m in messages]
