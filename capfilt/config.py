@@ -149,7 +149,10 @@ class SelectConfig(Strict):
 
     A candidate text (the web caption and each synthetic caption) passes when every set threshold
     holds (score >= threshold). Passing texts are ranked by ``rank_by`` (best first) and cut to
-    ``top_k`` when set. ``keep`` is true when at least one text passes.
+    ``top_k`` when set. ``keep`` is true when at least one text passes. With ``dedup_texts``,
+    candidates that are the same text once normalised (:func:`capfilt.stages.select.normalize_text`)
+    count once (the best-ranked copy stays), so two identical sampled captions cannot fill BLIP-2's
+    top 2 and push the web caption out.
     BLIP §3.3: ``itm_threshold: 0.5``. BLIP-2 §3.4: ``rank_by: clip``, ``top_k: 2``, no threshold.
     """
 
@@ -160,6 +163,8 @@ class SelectConfig(Strict):
     top_k: int | None = Field(None, ge=1)
     include_web: bool = True
     include_synthetic: bool = True
+    # candidates that read the same (case, spacing, trailing punctuation) count once, best score kept
+    dedup_texts: bool = True
 
     def thresholds(self) -> dict[str, float]:
         """The thresholds that are set, as ``{scorer: threshold}``."""
