@@ -129,12 +129,17 @@ class ScoreConfig(Strict):
         scorers: ``itm`` (BLIP ITM match probability), ``itc`` (BLIP ITC cosine), ``clip`` (CLIP cosine).
         max_text_tokens: texts are truncated to this many tokens before scoring (BLIP/LAVIS use 35).
         batch_size: images per model call; texts of those images are scored together.
+        itm_text_prefix: the first text token BLIP's ITM head reads: ``enc`` (BLIP trained and
+            evaluated ITM with ``[ENC]``), ``cls`` (``BlipProcessor``'s ``[CLS]``), or ``auto``: what
+            a capfilt-trained checkpoint recorded, else ``enc`` when the checkpoint has ``[ENC]``
+            (see :mod:`capfilt.modeling.itm_prefix`).
     """
 
     enabled: bool = True
     scorers: list[Scorer] = ["itm", "itc"]
     max_text_tokens: int = Field(35, ge=4, le=512)
     batch_size: int = Field(8, ge=1)
+    itm_text_prefix: Literal["auto", "enc", "cls"] = "auto"
 
     @field_validator("scorers")
     @classmethod

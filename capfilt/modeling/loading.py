@@ -296,3 +296,21 @@ def preflight(preset: ModelPreset, need: set[str]) -> None:
     for role in ModelPreset.roles():
         if role in need:
             _check_available(require_role(preset, role), preset, role)
+
+
+def model_record(spec: ModelSpec, preset: ModelPreset) -> dict[str, Any]:
+    """The ``capfilt.json`` (:mod:`capfilt.modeling.record`) of a local model folder; ``{}`` for Hub models
+    and folders without one.
+
+    Raises:
+        ModelLoadError: the file exists but cannot be read as a JSON object.
+    """
+    from capfilt.modeling.record import read_model_record
+
+    folder = Path(_resolve(spec, preset).path)
+    if not folder.is_dir():
+        return {}
+    try:
+        return read_model_record(folder)
+    except ValueError as e:
+        raise ModelLoadError(f"model {spec.id!r}: {e}") from None

@@ -109,7 +109,8 @@ class ScoreStage(Stage):
             from capfilt.modeling.blip_scorer import BlipScorer
 
             spec = require_role(self.preset, "filter")
-            scorers.append(BlipScorer.from_spec(spec, self.preset, blip_kinds, self.cfg.max_text_tokens))
+            scorers.append(BlipScorer.from_spec(spec, self.preset, blip_kinds, self.cfg.max_text_tokens,
+                                                self.cfg.itm_text_prefix))
         if "clip" in self.cfg.scorers:
             from capfilt.modeling.clip_scorer import ClipScorer
 

@@ -29,9 +29,11 @@ Losses (names in logs: ``itc``, ``itm``, ``lm``):
   the momentum-free variant: no momentum encoder, no queue, no momentum distillation.
 - ITM: binary match/no-match on the text encoder with cross-attention to the image; for every
   image one negative text and for every text one negative image, sampled from the detached
-  in-batch ITC softmax (hard negative mining, BLIP §3.2), never from the same group. Texts start
-  with ``[CLS]`` exactly as ``BlipForImageTextRetrieval.forward`` and capfilt's scorer feed them
-  (the original BLIP replaces it with ``[ENC]``; HF checkpoints are used with ``[CLS]``).
+  in-batch ITC softmax (hard negative mining, BLIP §3.2), never from the same group. The ITM
+  text's first token is ``[ENC]`` as in BLIP (``encoder_input_ids[:, 0] = enc_token_id``) or
+  ``[CLS]``, per ``model.itm_text_prefix`` (:mod:`capfilt.modeling.itm_prefix`); the choice is
+  recorded in the saved filter's ``capfilt.json`` so that ``capfilt run`` scores the same way.
+  ITC reads the text with ``[CLS]`` (BLIP's unimodal text encoder).
 - LM: image-grounded decoder, first token replaced by ``[DEC]`` (``bos_token_id``), optional
   prompt excluded from the loss (BLIP COCO captioning: ``"a picture of "``), cross-entropy with
   label smoothing 0.1 (BLIP) over the non-pad tokens.
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capfilt.config import ConfigError
+from capfilt.modeling.itm_prefix import with_prefix
 from capfilt.train.data import collate_common
 from capfilt.train.task import TrainTask, apply_config_overrides, load_hf
 
@@ -220,14 +223,27 @@ class BlipTask(TrainTask):
         loss: :class:`~capfilt.train.config.LossConfig`.
         data: :class:`~capfilt.train.config.TrainDataConfig` (prompt, token limit).
         share_text: tie the text encoder to the decoder (BLIP §3.1) when both exist.
+        itm_text_prefix: ``auto`` / ``enc`` / ``cls``: the ITM text's first token
+            (:func:`capfilt.modeling.itm_prefix.resolve_itm_prefix`).
+        recorded_prefix: the prefix the starting filter checkpoint was trained with (its ``capfilt.json``).
+        recipe_name: written into the saved components' ``capfilt.json``.
+
+    Attributes:
+        itm_text_prefix / itm_prefix_id: the resolved prefix (``enc`` | ``cls``) and its token id
+            (``None`` without a filter).
 
     Raises:
-        ConfigError: missing component for an objective, or components that cannot be shared.
+        ConfigError: missing component for an objective, components that cannot be shared, or
+            ``enc`` for a tokenizer without ``[ENC]``.
     """
 
     def __init__(self, captioner: Any, captioner_processor: Any, filter: Any, filter_processor: Any,
-                 objectives: tuple[str, ...], loss: Any, data: Any, share_text: bool = True) -> None:
+                 objectives: tuple[str, ...], loss: Any, data: Any, share_text: bool = True,
+                 itm_text_prefix: str = "auto", recorded_prefix: str | None = None, recipe_name: str | None = None) -> None:
         super().__init__()
+        self.recipe_name = recipe_name
+        self.itm_text_prefix: str | None = None
+        self.itm_prefix_id: int | None = None
         self.objectives = tuple(objectives)
         if "lm" in objectives and captioner is None:
             raise ConfigError("objective lm needs a captioner")
@@ -262,9 +278,25 @@ class BlipTask(TrainTask):
                                if f"text_encoder.encoder.layer.{i}.crossattention" not in self.shared))
             if "itc" not in objectives:  # similarities then only pick ITM negatives (no gradient)
                 self.exclude(self.filter.vision_proj, self.filter.text_proj)
+        if self.filter is not None:
+            from capfilt.modeling.itm_prefix import resolve_itm_prefix
+
+            try:
+                self.itm_text_prefix, self.itm_prefix_id = resolve_itm_prefix(
+                    itm_text_prefix, filter_processor.tokenizer, recorded_prefix,
+                    getattr(self.filter.config, "text_config", None))
+            except ValueError as e:
+                raise ConfigError(f"model.itm_text_prefix: {e}") from None
         if {"itc", "itm"} & set(objectives):
             self.temp = nn.Parameter(torch.tensor(float(loss.temp)),
                                      requires_grad=bool(loss.learn_temp and "itc" in objectives))
+
+    def model_record(self, name: str) -> dict[str, Any]:
+        """The filter records its ITM text prefix (``capfilt run`` scores with the same one)."""
+        rec: dict[str, Any] = {"recipe": self.recipe_name} if self.recipe_name else {}
+        if name == "filter" and self.itm_text_prefix is not None:
+            rec["itm_text_prefix"] = self.itm_text_prefix
+        return rec
 
     @property
     def image_processor(self) -> Any:
@@ -306,7 +338,8 @@ class BlipTask(TrainTask):
             if "itm" in self.objectives:
                 img_idx, txt_idx, labels = itm_pairs(sim_i2t.detach(), groups, self.loss_cfg.hard_negatives)
                 enc = image_embeds.index_select(0, img_idx)
-                out = f.text_encoder(input_ids=ids.index_select(0, txt_idx),
+                itm_ids = with_prefix(ids.index_select(0, txt_idx), self.itm_prefix_id)  # [ENC] or [CLS] first
+                out = f.text_encoder(input_ids=itm_ids,
                                      attention_mask=mask.index_select(0, txt_idx),
                                      encoder_hidden_states=enc,
                                      encoder_attention_mask=torch.ones(enc.shape[:-1], dtype=torch.long,
@@ -345,9 +378,26 @@ def build_blip_task(recipe: Any) -> BlipTask:
         return model, proc
 
     captioner = cap_proc = filt = filt_proc = None
+    recorded = None
     if "lm" in objectives:
         captioner, cap_proc = load(BlipForConditionalGeneration, m.captioner)
     if {"itc", "itm"} & set(objectives):
         filt, filt_proc = load(BlipForImageTextRetrieval, m.filter)
+        recorded = _recorded_prefix(m.filter, m.builder, m.revision) if m.init == "pretrained" else None
     return BlipTask(captioner, cap_proc, filt, filt_proc, objectives, recipe.loss, recipe.data,
-                    share_text=m.share_text_layers)
+                    share_text=m.share_text_layers, itm_text_prefix=m.itm_text_prefix, recorded_prefix=recorded,
+                    recipe_name=recipe.name)
+
+
+def _recorded_prefix(model_id: str, builder: str | None, revision: str | None) -> str | None:
+    """The ITM prefix a local starting checkpoint recorded in its ``capfilt.json`` (``None``: no record)."""
+    from pathlib import Path
+
+    from capfilt.modeling.loading import resolve_checkpoint
+    from capfilt.modeling.record import read_model_record
+
+    folder = Path(resolve_checkpoint(model_id, builder, revision).path)
+    try:
+        return read_model_record(folder).get("itm_text_prefix") if folder.is_dir() else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -190,3 +190,40 @@ def test_collator_masks_prompt_and_padding_like_blip():
     assert b["lm_labels"][0, prompt_len] == tok("a dog").input_ids[1]  # first caption token is a target
     assert (b["lm_labels"][b["lm_attention_mask"] == 0] == -100).all()
     assert b["lm_input_ids"].shape[1] == 12  # truncated to max_tokens
+
+
+@pytest.mark.parametrize("prefix", ["enc", "cls"])
+def test_itm_objective_uses_the_recipes_text_prefix_and_the_saved_filter_records_it(prefix, tmp_path):
+    """Train and inference agree: the ITM objective's texts start with the chosen token (ITC's with
+    [CLS]), the saved filter's capfilt.json records it, and capfilt run's scorer (auto) follows it."""
+    from capfilt.config import ModelPreset, ModelSpec
+    from capfilt.modeling.blip_scorer import BlipScorer
+    from capfilt.modeling.record import read_model_record
+    from capfilt.train.data import CapfiltShards, ImageTransform, StreamingDataset
+
+    overrides = [f"model.itm_text_prefix={prefix}", "train.max_steps=2", "data.num_workers=0", "train.save_every=null"]
+    recipe = load_recipe("tiny-itm-coco", overrides)
+    task = build_task(recipe).train()
+    tok = task._processor.tokenizer
+    want = tok.convert_tokens_to_ids("[ENC]") if prefix == "enc" else tok.cls_token_id
+    assert (task.itm_text_prefix, task.itm_prefix_id) == (prefix, want)
+    out = tmp_path / "shards"
+    make_shards(out)
+    it = StreamingDataset(CapfiltShards(str(out)), ImageTransform(task.image_processor), text_top_k=2).iter_consumer(0, 1)
+    seen = []  # (with image?, first tokens) of every text-encoder call
+
+    def hook(module, args, kwargs):
+        seen.append((kwargs.get("encoder_hidden_states") is not None, set(kwargs["input_ids"][:, 0].tolist())))
+
+    handle = task.filter.text_encoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        task(task.collator()([next(it) for _ in range(6)]))
+    finally:
+        handle.remove()
+    assert seen == [(False, {tok.cls_token_id}), (True, {want})]  # ITC with [CLS], ITM with the prefix
+    res = train(recipe, COCO_JSON, tmp_path / "run", echo=None)
+    folder = res.final / "filter"
+    assert read_model_record(folder) == {"itm_text_prefix": prefix, "recipe": "tiny-itm-coco"}
+    spec = ModelSpec(id=str(folder), kind="blip")
+    scorer = BlipScorer.from_spec(spec, ModelPreset(name="trained", captioner=spec, filter=spec))
+    assert (scorer.itm_text_prefix, scorer.itm_prefix_id) == (prefix, want)
