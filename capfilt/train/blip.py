@@ -17,6 +17,13 @@ One :class:`BlipTask` covers three recipes:
     causal in the decoder), the decoder's LM head transform and bias (its output matrix is
     tied to the shared word embeddings), and the filter's ``vision_proj``, ``text_proj`` and
     ``itm_head``.
+  Where training starts: the shared modules hold *one* checkpoint's weights,
+  ``model.shared_weights_from`` (default ``captioner``). Starting from two different finetuned
+  checkpoints (``blip-base-pretrain``: the COCO captioner and the COCO ITM filter), the filter
+  keeps its own self-attention, ``vision_proj``, ``text_proj`` and ``itm_head`` but its image
+  encoder, text embeddings, cross-attention and feed-forward blocks become the captioner's; a
+  warning lists what was discarded, and the saved components' ``capfilt.json`` records
+  ``shared_weights_from``.
 - ``caption`` (COCO finetuning of the captioner, LM only) and ``itm`` (COCO finetuning of the
   filter, ITC + ITM): the same code with one component.
 
@@ -41,6 +48,7 @@ Losses (names in logs: ``itc``, ``itm``, ``lm``):
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -51,6 +59,8 @@ from capfilt.config import ConfigError
 from capfilt.modeling.itm_prefix import with_prefix
 from capfilt.train.data import collate_common
 from capfilt.train.task import TrainTask, apply_config_overrides, load_hf
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,6 +193,54 @@ class BlipCollator:
 # ------------------------------------------------------------------------------------------------
 # the task
 # ------------------------------------------------------------------------------------------------
+def _shared_pairs(filter: Any, captioner: Any, share_text: bool) -> list[tuple[str, nn.Module, nn.Module]]:
+    """``(name, filter module, captioner module)`` of every module BLIP pre-training shares."""
+    pairs = [("vision_model", filter.vision_model, captioner.vision_model)]
+    if share_text:
+        enc, dec = filter.text_encoder, captioner.text_decoder.bert
+        pairs.append(("text_encoder.embeddings", enc.embeddings, dec.embeddings))
+        for i, (le, ld) in enumerate(zip(enc.encoder.layer, dec.encoder.layer)):
+            for name in ("crossattention", "intermediate", "output"):
+                if hasattr(le, name) and hasattr(ld, name):
+                    pairs.append((f"text_encoder.encoder.layer.{i}.{name}", getattr(le, name), getattr(ld, name)))
+    return pairs
+
+
+def take_shared_weights(filter: Any, captioner: Any, share_text: bool, source: str) -> dict[str, Any]:
+    """Before sharing, make both components' shared modules hold ``source``'s weights.
+
+    Args:
+        filter / captioner: the two BLIP components (before :func:`share_text_layers`).
+        share_text: whether the text layers are shared too (else only the image encoder).
+        source: ``captioner`` (keep the captioner's weights: sharing then simply drops the
+            filter's copies) or ``filter`` (copy the filter's into the captioner's modules).
+
+    Returns:
+        ``{"modules": [names whose weights differed and were replaced], "tensors": count,
+        "parameters": count}`` describing what the other component lost.
+
+    Raises:
+        ConfigError: the modules' shapes differ (as :func:`share_text_layers`).
+    """
+    lost: list[str] = []
+    tensors = params = 0
+    for name, fm, cm in _shared_pairs(filter, captioner, share_text):
+        keep, drop = (cm, fm) if source == "captioner" else (fm, cm)
+        ksd, dsd = keep.state_dict(), drop.state_dict()
+        if ksd.keys() != dsd.keys() or any(ksd[k].shape != dsd[k].shape for k in ksd):
+            raise ConfigError(f"cannot share {name}: the captioner's and the filter's differ in shape")
+        differ = [k for k in ksd if not torch.equal(ksd[k], dsd[k])]
+        if differ:
+            lost.append(name)
+            tensors += len(differ)
+            params += sum(dsd[k].numel() for k in differ)
+        if source == "filter":
+            with torch.no_grad():
+                for k in ksd:
+                    dsd[k].copy_(ksd[k])
+    return {"modules": lost, "tensors": tensors, "parameters": params}
+
+
 def share_text_layers(encoder: nn.Module, decoder: nn.Module) -> list[str]:
     """Make a ``BlipTextModel`` encoder use a decoder's modules for everything but self-attention.
 
@@ -223,6 +281,10 @@ class BlipTask(TrainTask):
         loss: :class:`~capfilt.train.config.LossConfig`.
         data: :class:`~capfilt.train.config.TrainDataConfig` (prompt, token limit).
         share_text: tie the text encoder to the decoder (BLIP §3.1) when both exist.
+        shared_weights_from: ``captioner`` / ``filter``: whose weights the shared modules start
+            from when both components exist (:func:`take_shared_weights`); the other's are
+            discarded, with a warning naming them when they differ.
+        sources: ``{"captioner": id, "filter": id}`` for that warning.
         itm_text_prefix: ``auto`` / ``enc`` / ``cls``: the ITM text's first token
             (:func:`capfilt.modeling.itm_prefix.resolve_itm_prefix`).
         recorded_prefix: the prefix the starting filter checkpoint was trained with (its ``capfilt.json``).
@@ -239,8 +301,11 @@ class BlipTask(TrainTask):
 
     def __init__(self, captioner: Any, captioner_processor: Any, filter: Any, filter_processor: Any,
                  objectives: tuple[str, ...], loss: Any, data: Any, share_text: bool = True,
-                 itm_text_prefix: str = "auto", recorded_prefix: str | None = None, recipe_name: str | None = None) -> None:
+                 itm_text_prefix: str = "auto", recorded_prefix: str | None = None, recipe_name: str | None = None,
+                 shared_weights_from: str = "captioner", sources: dict[str, str] | None = None) -> None:
         super().__init__()
+        self.shared_weights_from: str | None = None
+        self.discarded: dict[str, Any] = {}
         self.recipe_name = recipe_name
         self.itm_text_prefix: str | None = None
         self.itm_prefix_id: int | None = None
@@ -265,6 +330,22 @@ class BlipTask(TrainTask):
             if dict(cs) != dict(fs):
                 raise ConfigError(f"captioner and filter image processors differ ({dict(cs)} vs {dict(fs)}); "
                                   f"BLIP pre-training uses one image encoder")
+            if shared_weights_from not in ("captioner", "filter"):
+                raise ConfigError(f"model.shared_weights_from must be captioner or filter, not {shared_weights_from!r}")
+            self.shared_weights_from = shared_weights_from
+            self.discarded = take_shared_weights(self.filter, self.captioner, share_text, shared_weights_from)
+            if self.discarded["modules"]:
+                other = "filter" if shared_weights_from == "captioner" else "captioner"
+                src = sources or {}
+                mods = self.discarded["modules"]
+                log.warning(
+                    "BLIP pre-training shares the image encoder%s between captioner and filter: the %s's own weights "
+                    "for %d module(s) (%s; %d tensors, %s parameters) are discarded and training starts from the "
+                    "%s's (%s). Set model.shared_weights_from=%s to start these modules from the %s instead.",
+                    " and text layers (all but self-attention)" if share_text else "", other, len(mods),
+                    ", ".join(mods[:4]) + (f", ... {len(mods) - 4} more" if len(mods) > 4 else ""),
+                    self.discarded["tensors"], f"{self.discarded['parameters']:,}", shared_weights_from,
+                    src.get(shared_weights_from, "?"), other, other)
             self.filter.vision_model = self.captioner.vision_model  # one image encoder (BLIP §3.1)
             self.shared.append("vision_model")
             if share_text:
@@ -296,6 +377,8 @@ class BlipTask(TrainTask):
         rec: dict[str, Any] = {"recipe": self.recipe_name} if self.recipe_name else {}
         if name == "filter" and self.itm_text_prefix is not None:
             rec["itm_text_prefix"] = self.itm_text_prefix
+        if self.shared_weights_from is not None:
+            rec["shared_weights_from"] = self.shared_weights_from
         return rec
 
     @property
@@ -386,7 +469,8 @@ def build_blip_task(recipe: Any) -> BlipTask:
         recorded = _recorded_prefix(m.filter, m.builder, m.revision) if m.init == "pretrained" else None
     return BlipTask(captioner, cap_proc, filt, filt_proc, objectives, recipe.loss, recipe.data,
                     share_text=m.share_text_layers, itm_text_prefix=m.itm_text_prefix, recorded_prefix=recorded,
-                    recipe_name=recipe.name)
+                    recipe_name=recipe.name, shared_weights_from=m.shared_weights_from,
+                    sources={"captioner": str(m.captioner), "filter": str(m.filter)})
 
 
 def _recorded_prefix(model_id: str, builder: str | None, revision: str | None) -> str | None:
