@@ -240,3 +240,29 @@ def naive_scores(model: Any, processor: Any, image: Any, text: str, max_text_tok
         itm_logits = model(**itm_inputs, use_itm_head=True).itm_score  # (1, 2)
         itc = model(**inputs, use_itm_head=False).itm_score  # (1, 1)
     return float(torch.softmax(itm_logits.float(), dim=-1)[0, 1]), float(itc.float()[0, 0])
+
+
+def resolve_filter_itm_prefix(spec: ModelSpec, preset: ModelPreset, setting: str = "auto") -> dict[str, Any]:
+    """The ITM text prefix a run with ``score.itm_text_prefix = setting`` uses for ``spec``, without
+    loading the weights (tokenizer + config only): for the run record.
+
+    Returns:
+        ``{"setting": setting, "prefix": "enc" | "cls", "token_id": int}``.
+
+    Raises:
+        ModelLoadError: the tokenizer/config cannot be loaded, or ``enc`` for a checkpoint without ``[ENC]``.
+    """
+    from transformers import AutoConfig, BlipProcessor
+
+    from capfilt.errors import ModelLoadError
+    from capfilt.modeling.itm_prefix import resolve_itm_prefix
+    from capfilt.modeling.loading import load_processor, model_record
+
+    processor = load_processor(BlipProcessor, spec, preset)
+    config = load_processor(AutoConfig, spec, preset)
+    try:
+        prefix, token = resolve_itm_prefix(setting, processor.tokenizer, model_record(spec, preset).get("itm_text_prefix"),
+                                           getattr(config, "text_config", None))
+    except ValueError as e:
+        raise ModelLoadError(f"filter model {spec.id!r}: {e}") from None
+    return {"setting": setting, "prefix": prefix, "token_id": token}

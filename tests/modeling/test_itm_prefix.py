@@ -126,3 +126,13 @@ def test_on_the_cls_trained_shapes_filter_the_recorded_prefix_is_the_right_one()
     print(f"true above wrong-attribute / junk: recorded [CLS] {right}, [ENC] {bad}")
     assert right[0] >= 0.75 and right[1] >= 0.95  # measured: 0.83 and 0.98
     assert sum(right) - sum(bad) >= 0.1  # measured: [ENC] 0.69 and 0.94, 0.19 lower in all
+
+
+def test_the_run_record_helper_resolves_the_prefix_without_loading_weights():
+    from capfilt.modeling.blip_scorer import resolve_filter_itm_prefix
+
+    tiny, shapes = load_preset("tiny"), load_preset("shapes")
+    assert resolve_filter_itm_prefix(tiny.filter, tiny)["prefix"] == "enc"
+    assert resolve_filter_itm_prefix(shapes.filter, shapes) == {
+        "setting": "auto", "prefix": "cls", "token_id": BlipScorer.from_spec(shapes.filter, shapes).itm_prefix_id}
+    assert resolve_filter_itm_prefix(shapes.filter, shapes, "enc")["prefix"] == "enc"
