@@ -119,7 +119,8 @@ def main() -> None:
     if args.skip_naive:
         return
     t0 = time.perf_counter()
-    naive = [np.array([naive_scores(model, proc, im, t) for t in ts]) for im, ts in zip(images, texts)]
+    naive = [np.array([naive_scores(model, proc, im, t, itm_prefix_id=scorer.itm_prefix_id) for t in ts])
+             for im, ts in zip(images, texts)]
     sync()
     t_naive = time.perf_counter() - t0
     d_itm = max(float(np.max(np.abs(r.itm - n[:, 0]))) for r, n in zip(res, naive))

@@ -166,12 +166,17 @@ class ScoreConfig(Strict):
         scorers: ``itm`` (BLIP ITM match probability), ``itc`` (BLIP ITC cosine), ``clip`` (CLIP cosine).
         max_text_tokens: texts are truncated to this many tokens before scoring (BLIP/LAVIS use 35).
         batch_size: images per model call; texts of those images are scored together.
+        itm_text_prefix: the first text token BLIP's ITM head reads: ``enc`` (BLIP trained and
+            evaluated ITM with ``[ENC]``), ``cls`` (``BlipProcessor``'s ``[CLS]``), or ``auto``: what
+            a capfilt-trained checkpoint recorded, else ``enc`` when the checkpoint has ``[ENC]``
+            (see :mod:`capfilt.modeling.itm_prefix`).
     """
 
     enabled: bool = True
     scorers: list[Scorer] = ["itm", "itc"]
     max_text_tokens: int = Field(35, ge=4, le=512)
     batch_size: int = Field(8, ge=1)
+    itm_text_prefix: Literal["auto", "enc", "cls"] = "auto"
 
     @field_validator("scorers")
     @classmethod
@@ -186,7 +191,10 @@ class SelectConfig(Strict):
 
     A candidate text (the web caption and each synthetic caption) passes when every set threshold
     holds (score >= threshold). Passing texts are ranked by ``rank_by`` (best first) and cut to
-    ``top_k`` when set. ``keep`` is true when at least one text passes.
+    ``top_k`` when set. ``keep`` is true when at least one text passes. With ``dedup_texts``,
+    candidates that are the same text once normalised (:func:`capfilt.stages.select.normalize_text`)
+    count once (the best-ranked copy stays), so two identical sampled captions cannot fill BLIP-2's
+    top 2 and push the web caption out.
     BLIP §3.3: ``itm_threshold: 0.5``. BLIP-2 §3.4: ``rank_by: clip``, ``top_k: 2``, no threshold.
     """
 
@@ -197,6 +205,8 @@ class SelectConfig(Strict):
     top_k: int | None = Field(None, ge=1)
     include_web: bool = True
     include_synthetic: bool = True
+    # candidates that read the same (case, spacing, trailing punctuation) count once, best score kept
+    dedup_texts: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "SelectConfig":

@@ -96,3 +96,18 @@ def storage_error(err: BaseException) -> str | None:
         if "Errno 13" in text or "Permission denied" in text:
             return "permission denied"
     return None
+
+
+#: Longest ``error_message`` any stage writes into a row (characters, after :func:`row_message`).
+ROW_MESSAGE_CHARS = 300
+
+
+def row_message(text: str | None) -> str | None:
+    """A row's ``error_message``: one line, at most :data:`ROW_MESSAGE_CHARS` characters (``None`` stays ``None``).
+
+    Every stage passes its per-row messages through this, so no input value (a 5 MB URL, a huge
+    host name, a server's error text) is ever echoed whole into the output.
+    """
+    if text is None:
+        return None
+    return shorten(one_line(text), ROW_MESSAGE_CHARS, "...")

@@ -117,6 +117,14 @@ def score_fields(scorer: str) -> list[pa.Field]:
     ]
 
 
+#: Score stage output besides the scores: the web caption's length for the filter's tokenizer
+#: (special tokens included, untruncated; null without a web caption or when not scored) and whether
+#: it exceeds ``score.max_text_tokens`` (CLIP: its context), i.e. was judged on its first tokens only.
+TEXT_LENGTH_FIELDS: list[pa.Field] = [
+    pa.field("web_text_tokens", pa.int32()),
+    pa.field("web_text_truncated", pa.bool_()),
+]
+
 #: Select stage output.
 SELECT_FIELDS: list[pa.Field] = [
     pa.field("captions", pa.list_(pa.string())),
@@ -127,7 +135,7 @@ SELECT_FIELDS: list[pa.Field] = [
 ]
 
 CONTRACT_COLUMNS = {f.name for f in (ID_FIELDS + DOWNLOAD_FIELDS + LANGID_FIELDS + SAFETY_FIELDS + CAPTION_FIELDS
-                                     + SELECT_FIELDS)} | {
+                                     + TEXT_LENGTH_FIELDS + SELECT_FIELDS)} | {
     f.name for s in ("itm", "itc", "clip") for f in score_fields(s)
 }
 

@@ -12,7 +12,8 @@ decides the ``X-Robots-Tag`` opt-out and the User-Agent string has img2dataset's
 What one :func:`fetch` call guarantees:
 
 - **Schemes**: ``http`` and ``https`` only; ``file://`` only with ``allow_file_urls``; anything
-  else (``ftp:``, ``javascript:``, ``data:``, a bare word, ``''``, ``None``) is ``invalid_url``.
+  else (``ftp:``, ``javascript:``, ``data:``, a bare word, ``''``, ``None``) is ``invalid_url``,
+  and so is a URL over :data:`MAX_URL_CHARS` characters (no connection is made).
   The URL is cleaned first (:func:`normalize_url`): surrounding whitespace stripped, spaces and
   non-ASCII characters percent-encoded (real LAION URLs contain literal spaces and ``©``), IDN
   hosts IDNA-encoded, existing escapes and HTML entities such as ``&amp;`` left as they are.
@@ -32,8 +33,14 @@ What one :func:`fetch` call guarantees:
   interrupted; it is bounded by the resolver's own timeout, see ``resolv.conf``).
 - **Size**: a ``Content-Length`` above ``max_bytes`` is refused before reading; otherwise the
   body is read in chunks and refused (``too_large``) as soon as it passes ``max_bytes``. A
-  0-byte body is ``failed_to_download``. ``Accept-Encoding: identity`` is sent; a body that
-  still arrives compressed is decoded chunk by chunk, so the cap applies to decoded bytes.
+  0-byte body is ``failed_to_download``.
+- **No decompression**: ``Accept-Encoding: identity`` is sent, and a body that still arrives with a
+  ``Content-Encoding`` (gzip, deflate, br, zstd) is *not* decoded: it is kept as the raw bytes
+  that came over the wire, which must then decode as an image (a gzip stream does not, and the
+  row fails ``failed_to_download``, "not an image (gzip data ...)"). img2dataset's urllib does
+  not decode either. So a gzip bomb (kilobytes on the wire, gigabytes decoded) costs only its
+  wire size in memory, whatever urllib3's own decompression limits (urllib3 >= 2.7 is required
+  anyway: CVE-2025-66471, CVE-2026-21441, CVE-2026-44432).
 - **Retries**: ``retries`` extra tries, only for transient failures (timeouts, connection
   errors, HTTP 408/425/429/5xx); never for 4xx, blocked or invalid URLs, opt-outs or size limits.
 
@@ -53,7 +60,7 @@ from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 from capfilt import schema
-from capfilt.errors import shorten
+from capfilt.errors import row_message, shorten
 from capfilt.io._img2dataset import preload
 
 #: Statuses after which another try could succeed.
@@ -62,6 +69,12 @@ _REDIRECT_CODES = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
 # Characters left as they are when percent-encoding a URL: RFC 3986 reserved + unreserved + '%'.
 _SAFE_URL_CHARS = "%:/?#[]@!$&'()*+,;=-._~"
+
+#: Longest URL capfilt requests (characters, before and after cleaning). Longer ones are
+#: ``invalid_url`` without any connection: servers refuse request lines past ~8 KB (Apache's
+#: ``LimitRequestLine`` 8190, nginx's 8 KB header buffers), and img2dataset-scale metadata has no
+#: real image URL near it; a multi-megabyte "URL" is junk or an attack on the server.
+MAX_URL_CHARS = 8192
 
 BROWSER_UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
@@ -88,7 +101,8 @@ class FetchResult:
     Attributes:
         status: ``success`` or one of ``failed_to_download``, ``too_large``, ``opted_out``,
             ``invalid_url``, ``blocked_address`` (see :data:`capfilt.schema.STATUSES`).
-        error_message: a short readable reason, ``None`` on success.
+        error_message: a short readable reason (one line, at most
+            :data:`capfilt.errors.ROW_MESSAGE_CHARS` characters), ``None`` on success.
         data: the response body (``bytes``, 1..max_bytes long) on success, else ``None``.
         content_type: the final response's ``Content-Type`` header, if any.
         final_url: the URL the body came from (after redirects), if a request was made.
@@ -137,8 +151,8 @@ def normalize_url(url: object, allow_file_urls: bool = False) -> str:
         The cleaned URL, e.g. ``"http://a.b/x%20y%C2%A9.jpg?a=1&amp;b=2"``.
 
     Raises:
-        FetchFailure: with status ``invalid_url`` if ``url`` is not a string, empty, has no
-            ``scheme://host``, has an unsupported scheme or an invalid port/host.
+        FetchFailure: with status ``invalid_url`` if ``url`` is not a string, empty, longer than
+            :data:`MAX_URL_CHARS` (raw or cleaned), has no ``scheme://host``, has an unsupported scheme or an invalid port/host.
     """
     if not isinstance(url, str):
         message = "no URL" if url is None else f"URL is not a string ({type(url).__name__})"
@@ -146,6 +160,9 @@ def normalize_url(url: object, allow_file_urls: bool = False) -> str:
     raw = url.strip()
     if not raw:
         raise FetchFailure(schema.INVALID_URL, "empty URL")
+    if len(raw) > MAX_URL_CHARS:
+        raise FetchFailure(schema.INVALID_URL, f"URL is {len(raw):,} characters long, over the limit of "
+                                               f"{MAX_URL_CHARS:,}: {shorten(raw, 60)!r}")
     if any(c in raw for c in "\r\n\t\0"):
         raw = "".join(c for c in raw if c not in "\r\n\t\0")
     try:
@@ -182,7 +199,11 @@ def normalize_url(url: object, allow_file_urls: bool = False) -> str:
         netloc = quote(userinfo, safe=_SAFE_URL_CHARS) + "@" + netloc
     path = quote(parts.path, safe=_SAFE_URL_CHARS) or "/"
     query = quote(parts.query, safe=_SAFE_URL_CHARS)
-    return urlunsplit((scheme, netloc, path, query, ""))
+    clean = urlunsplit((scheme, netloc, path, query, ""))
+    if len(clean) > MAX_URL_CHARS:
+        raise FetchFailure(schema.INVALID_URL, f"URL is {len(clean):,} characters long once percent-encoded, over "
+                                               f"the limit of {MAX_URL_CHARS:,}: {shorten(raw, 60)!r}")
+    return clean
 
 
 def _encode_host(host: str) -> str:
@@ -337,7 +358,7 @@ def fetch(url: object, cfg, *, allow_private_network: bool | None = None) -> Fet
     try:
         clean = normalize_url(url, cfg.allow_file_urls)
     except FetchFailure as f:
-        return FetchResult(f.status, f.message)
+        return FetchResult(f.status, row_message(f.message))
     if clean.startswith("file:"):
         return _fetch_file(clean, cfg.max_bytes)
     if cfg.disallowed_header_directives:
@@ -354,7 +375,7 @@ def fetch(url: object, cfg, *, allow_private_network: bool | None = None) -> Fet
             if not f.transient:
                 break
     assert last is not None
-    return FetchResult(last.status, last.message, None, None, None, tries)
+    return FetchResult(last.status, row_message(last.message), None, None, None, tries)
 
 
 def _fetch_file(url: str, max_bytes: int) -> FetchResult:
@@ -450,7 +471,8 @@ def _request(url: str, cfg, allow_private: bool, deadline: float):
     try:
         conn = _connect(addresses, port, https, host, deadline, watchdog, cfg.timeout)
         try:
-            conn.request("GET", target, headers=headers, preload_content=False, decode_content=True)
+            # decode_content=False: a Content-Encoding we did not ask for stays raw bytes (no gzip bombs)
+            conn.request("GET", target, headers=headers, preload_content=False, decode_content=False)
             resp = conn.getresponse()
         except Exception as e:  # noqa: BLE001 - every transport error is row data
             raise _transport_failure(e, watchdog, cfg.timeout) from None

@@ -149,6 +149,8 @@ def describe_non_image(data: bytes) -> str:
     """
     head = data[:1024].lstrip()
     low = head.lower()
+    if data[:2] == b"\x1f\x8b":
+        return "gzip data: a Content-Encoding capfilt does not decode"
     if low.startswith(b"version https://git-lfs"):
         return "Git LFS pointer"
     if low.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in low:

@@ -5,7 +5,9 @@ the vision transformer for every pair. :class:`BlipScorer` encodes each image on
 all its candidate texts:
 
 - ITM: the text encoder with cross-attention to the image's patch embeddings, ``itm_head`` on the
-  text ``[CLS]``, softmax, probability of "match". The cross-attention keys/values of the image
+  first text token, softmax, probability of "match". The first token is ``[ENC]`` as BLIP trained
+  and evaluated its ITM head, or ``[CLS]`` as ``BlipProcessor`` tokenizes
+  (:mod:`capfilt.modeling.itm_prefix`; ``itm_text_prefix``). The cross-attention keys/values of the image
   tokens (the largest part of a pair's cost: ``N = 577`` tokens projected in every layer) are
   computed once per image and shared by all its texts.
 - ITC: cosine of ``normalize(vision_proj(image [CLS]))`` and ``normalize(text_proj(text [CLS]))``
@@ -26,6 +28,7 @@ import numpy as np
 
 from capfilt.config import ModelPreset, ModelSpec
 from capfilt.modeling.batching import chunks
+from capfilt.modeling.itm_prefix import with_prefix
 from capfilt.modeling.scores import ScoreResult
 
 #: Image-text pairs per text-encoder call (bounds activation memory for images with many texts).
@@ -40,10 +43,20 @@ class BlipScorer:
         processor: its ``BlipProcessor``.
         scorers: which of ``itm`` / ``itc`` to compute (the other stays ``None`` in results).
         max_text_tokens: texts are truncated to this many tokens, ``[CLS]``/``[SEP]`` included.
+        itm_text_prefix: ``enc``, ``cls`` or ``auto`` (:func:`capfilt.modeling.itm_prefix.resolve_itm_prefix`):
+            the token ITM reads first (ITC always reads ``[CLS]``).
+        recorded_prefix: the prefix the checkpoint was trained with (its ``capfilt.json``), for ``auto``.
+
+    Attributes:
+        itm_text_prefix: the resolved prefix, ``enc`` or ``cls``.
+        itm_prefix_id: its token id.
+
+    Raises:
+        ValueError: unknown scorers, or ``enc`` for a checkpoint without an ``[ENC]`` token.
     """
 
     def __init__(self, model: Any, processor: Any, scorers: Sequence[str] = ("itm", "itc"),
-                 max_text_tokens: int = 35) -> None:
+                 max_text_tokens: int = 35, itm_text_prefix: str = "auto", recorded_prefix: str | None = None) -> None:
         bad = set(scorers) - {"itm", "itc"}
         if bad:
             raise ValueError(f"BlipScorer computes itm and itc, not {sorted(bad)}")
@@ -53,21 +66,35 @@ class BlipScorer:
         self.max_text_tokens = max_text_tokens
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        from capfilt.modeling.itm_prefix import resolve_itm_prefix
+
+        text_config = getattr(getattr(model, "config", None), "text_config", None)
+        self.itm_text_prefix, self.itm_prefix_id = resolve_itm_prefix(itm_text_prefix, processor.tokenizer,
+                                                                      recorded_prefix, text_config)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, preset: ModelPreset, scorers: Sequence[str] = ("itm", "itc"),
-                  max_text_tokens: int = 35) -> "BlipScorer":
+                  max_text_tokens: int = 35, itm_text_prefix: str = "auto") -> "BlipScorer":
         """Load the filter checkpoint named by ``spec`` (eager attention: BLIP has no SDPA path).
 
+        ``itm_text_prefix: auto`` follows the ``capfilt.json`` a capfilt-trained checkpoint holds.
+
         Raises:
-            ModelLoadError: the checkpoint or its processor cannot be loaded.
+            ModelLoadError: the checkpoint or its processor cannot be loaded, or its ``capfilt.json``
+                is unreadable, or ``enc`` is asked for a checkpoint without ``[ENC]``.
         """
         from transformers import BlipForImageTextRetrieval, BlipProcessor
 
-        from capfilt.modeling.loading import load_pretrained, load_processor
+        from capfilt.errors import ModelLoadError
+        from capfilt.modeling.loading import load_pretrained, load_processor, model_record
 
         model = load_pretrained(BlipForImageTextRetrieval, spec, preset, attn_implementation="eager")
-        return cls(model, load_processor(BlipProcessor, spec, preset), scorers, max_text_tokens)
+        processor = load_processor(BlipProcessor, spec, preset)
+        record = model_record(spec, preset)
+        try:
+            return cls(model, processor, scorers, max_text_tokens, itm_text_prefix, record.get("itm_text_prefix"))
+        except ValueError as e:
+            raise ModelLoadError(f"filter model {spec.id!r}: {e}") from None
 
     def tokenize(self, texts: Sequence[str]) -> tuple[Any, Any]:
         """``(input_ids, attention_mask)``: int64 ``(T, L)``, padded to the longest, ``L <= max_text_tokens``."""
@@ -106,7 +133,7 @@ class BlipScorer:
                 image_embeds = self.encode_images(images)  # (B, N, Dv)
                 ids, mask = self.tokenize(flat)  # (T, L)
                 if "itm" in self.scorers:
-                    itm = self._itm(image_embeds, owner, ids, mask)
+                    itm = self._itm(image_embeds, owner, with_prefix(ids, self.itm_prefix_id), mask)
                 if "itc" in self.scorers:
                     itc = self._itc(image_embeds, owner, ids, mask)
         out, start = [], 0
@@ -188,12 +215,14 @@ class BlipScorer:
         return torch.cat(sims).cpu().numpy().astype(np.float32)
 
 
-def naive_scores(model: Any, processor: Any, image: Any, text: str, max_text_tokens: int = 35) -> tuple[float, float]:
+def naive_scores(model: Any, processor: Any, image: Any, text: str, max_text_tokens: int = 35,
+                 itm_prefix_id: int | None = None) -> tuple[float, float]:
     """Reference: one full ``BlipForImageTextRetrieval`` forward per (image, text) and head.
 
     This is what the HF model card does (``model(**processor(images=image, text=text))``), run
     twice: ``use_itm_head=True`` (ITM) and ``False`` (ITC). It recomputes the vision transformer
     for every pair; used by the equivalence tests and ``benchmarks/bench_score.py``.
+    ``itm_prefix_id``: the token that replaces ``[CLS]`` for ITM (``None``: ``[CLS]``, as the model card).
 
     Returns:
         ``(itm_probability, itc_cosine)`` as Python floats.
@@ -205,6 +234,35 @@ def naive_scores(model: Any, processor: Any, image: Any, text: str, max_text_tok
     inputs = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
               for k, v in inputs.items()}
     with torch.inference_mode():
-        itm_logits = model(**inputs, use_itm_head=True).itm_score  # (1, 2)
+        itm_inputs = dict(inputs)
+        if itm_prefix_id is not None:
+            itm_inputs["input_ids"] = with_prefix(inputs["input_ids"], itm_prefix_id)
+        itm_logits = model(**itm_inputs, use_itm_head=True).itm_score  # (1, 2)
         itc = model(**inputs, use_itm_head=False).itm_score  # (1, 1)
     return float(torch.softmax(itm_logits.float(), dim=-1)[0, 1]), float(itc.float()[0, 0])
+
+
+def resolve_filter_itm_prefix(spec: ModelSpec, preset: ModelPreset, setting: str = "auto") -> dict[str, Any]:
+    """The ITM text prefix a run with ``score.itm_text_prefix = setting`` uses for ``spec``, without
+    loading the weights (tokenizer + config only): for the run record.
+
+    Returns:
+        ``{"setting": setting, "prefix": "enc" | "cls", "token_id": int}``.
+
+    Raises:
+        ModelLoadError: the tokenizer/config cannot be loaded, or ``enc`` for a checkpoint without ``[ENC]``.
+    """
+    from transformers import AutoConfig, BlipProcessor
+
+    from capfilt.errors import ModelLoadError
+    from capfilt.modeling.itm_prefix import resolve_itm_prefix
+    from capfilt.modeling.loading import load_processor, model_record
+
+    processor = load_processor(BlipProcessor, spec, preset)
+    config = load_processor(AutoConfig, spec, preset)
+    try:
+        prefix, token = resolve_itm_prefix(setting, processor.tokenizer, model_record(spec, preset).get("itm_text_prefix"),
+                                           getattr(config, "text_config", None))
+    except ValueError as e:
+        raise ModelLoadError(f"filter model {spec.id!r}: {e}") from None
+    return {"setting": setting, "prefix": prefix, "token_id": token}

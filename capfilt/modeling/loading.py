@@ -296,3 +296,85 @@ def preflight(preset: ModelPreset, need: set[str]) -> None:
     for role in ModelPreset.roles():
         if role in need:
             _check_available(require_role(preset, role), preset, role)
+
+
+def model_record(spec: ModelSpec, preset: ModelPreset) -> dict[str, Any]:
+    """The ``capfilt.json`` (:mod:`capfilt.modeling.record`) of a local model folder; ``{}`` for Hub models
+    and folders without one.
+
+    Raises:
+        ModelLoadError: the file exists but cannot be read as a JSON object.
+    """
+    from capfilt.modeling.record import read_model_record
+
+    folder = Path(_resolve(spec, preset).path)
+    if not folder.is_dir():
+        return {}
+    try:
+        return read_model_record(folder)
+    except ValueError as e:
+        raise ModelLoadError(f"model {spec.id!r}: {e}") from None
+
+
+def resolved_commit(spec: ModelSpec, preset: ModelPreset, cache_dir: str | Path | None = None,
+                    probe_hub: bool = False) -> dict[str, Any]:
+    """Which exact version of ``spec``'s model a run loads, for the run record.
+
+    The model presets name Hub ids without a ``revision`` (a pinned commit could not be verified
+    offline, and an old commit can break with a newer transformers), so the commit a run really
+    used is recorded instead: for a Hub id, the snapshot folder of the Hugging Face cache that
+    holds its ``config.json`` at ``spec.revision`` (or ``main``) is named by the commit hash
+    (``.../models--ORG--NAME/snapshots/<sha>/config.json``); when it is not cached and
+    ``probe_hub`` is set (and ``HF_HUB_OFFLINE`` is not), ``HfApi().model_info(...).sha``.
+
+    Args:
+        spec: the model (id, revision).
+        preset: its preset (``builder: tiny`` models are local builds).
+        cache_dir: the hub cache to look in (default: huggingface_hub's, ``HF_HUB_CACHE``).
+        probe_hub: ask the Hub when the cache does not know (timeout :data:`HUB_PROBE_TIMEOUT`).
+
+    Returns:
+        ``{"id", "revision" (as asked, may be None), "source": "hub" | "local", "commit": 40-hex
+        sha or None (local folders, unknown)}``; ``path`` for local folders. Never raises for a
+        missing model (that is :func:`preflight`'s job).
+    """
+    out: dict[str, Any] = {"id": spec.id, "revision": spec.revision, "commit": None}
+    try:
+        res = _resolve(spec, preset)
+    except ModelLoadError:
+        return {**out, "source": "unknown"}
+    if preset.builder == "tiny" or _looks_local(spec.id):
+        return {**out, "source": "local", "path": str(Path(res.path).resolve())}
+    out["source"] = "hub"
+    rev = spec.revision
+    if rev is not None and len(rev) == 40 and all(c in "0123456789abcdef" for c in rev.lower()):
+        return {**out, "commit": rev.lower()}
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(spec.id, "config.json", cache_dir=cache_dir, revision=rev)
+    except ValueError:  # not a valid repo id
+        hit = None
+    if isinstance(hit, str):
+        parts = Path(hit).parts
+        if "snapshots" in parts:
+            return {**out, "commit": parts[parts.index("snapshots") + 1]}
+    if probe_hub and not hub_offline():
+        from huggingface_hub import HfApi
+
+        try:
+            return {**out, "commit": HfApi().model_info(spec.id, revision=rev, timeout=HUB_PROBE_TIMEOUT).sha}
+        except Exception:  # noqa: BLE001 - no network, gated, 404: the record says unknown
+            pass
+    return out
+
+
+def resolved_commits(preset: ModelPreset, roles: set[str] | None = None, **kw: Any) -> dict[str, dict[str, Any]]:
+    """:func:`resolved_commit` of every model of ``preset`` in ``roles`` (default: all it has), by role.
+
+    For ``run.json``: call it on the driver after :func:`preflight` (the cache then holds every
+    Hub model a local run loads) and store the result, e.g. as ``models.<role>.commit``.
+    """
+    want = set(roles) if roles is not None else set(ModelPreset.roles())
+    return {role: resolved_commit(getattr(preset, role), preset, **kw)
+            for role in ModelPreset.roles() if role in want and getattr(preset, role) is not None}

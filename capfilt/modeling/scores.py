@@ -34,3 +34,22 @@ class ScoreResult:
         if value is None:
             raise KeyError(f"scorer {scorer!r} was not computed")
         return value
+
+
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """How many tokens each text has for ``tokenizer``, special tokens included, without truncation.
+
+    A scorer reads only its first ``max_text_tokens`` of them; a count above that means the text
+    was judged on a prefix (the ``web_text_tokens`` / ``web_text_truncated`` columns).
+
+    Args:
+        tokenizer: a transformers tokenizer (BLIP's WordPiece, CLIP's BPE).
+        texts: the texts.
+
+    Returns:
+        One int per text.
+    """
+    if not texts:
+        return []
+    enc = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
+    return [len(ids) for ids in enc["input_ids"]]

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from capfilt.report.layout import wall_seconds
+from capfilt.report.stats import truncation_line
 
 #: ``(id, heading)`` of the report's sections, in order (the browser test checks each).
 SECTIONS: list[tuple[str, str]] = [
@@ -386,6 +387,9 @@ def _section_filter(data: dict[str, Any], plots: dict[str, bytes]) -> str:
              + (f" With top-{filt['top_k']} ranking (BLIP-2 §3.4) at most {filt['top_k']} texts per image survive, so "
                 "most candidates are removed by design; the share of web captions in the top-k is the telling number."
                 if filt.get("top_k") is not None else "") + "</p>"]
+    trunc = truncation_line(filt)
+    if trunc:
+        parts.append(f'<p class="note" id="web-text-truncated">{_e(trunc)}</p>')
     figs = [(s, plots[f"score_{s}"]) for s in filt["scores"] if f"score_{s}" in plots]
     cells = [f"<div>{_img(png, f'{s} score histogram', 'plot', f'score_{s}')}</div>" for s, png in figs]
     parts.append(f'<div class="row">{"".join(cells)}</div>')

@@ -41,6 +41,11 @@ def overview_table(data: dict[str, Any]) -> Table:
         for which in ("web", "synthetic"):
             r = filt["removed"][which]
             t.add_row(f"{which} texts removed", f"{r['removed']:,} of {r['scored']:,}", _pct(r["removed"], r["scored"]))
+        tr = filt.get("web_text_truncated")
+        if tr and tr["truncated"]:
+            limit = tr.get("max_text_tokens")
+            t.add_row("web captions truncated", f"{tr['truncated']:,} of {tr['measured']:,}",
+                      f"judged on their first {limit} tokens" if limit else "judged on their first tokens")
     cfg = run.get("config") or {}
     if cfg:
         t.add_row("recipe", str(cfg.get("name", "?")), f"models: {_models_text(run)}")

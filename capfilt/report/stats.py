@@ -128,6 +128,7 @@ class Scan:
         self.scores: dict[str, dict[str, ScoreHist]] = {}
         self.web_text, self.syn_text = TextStats(False), TextStats(True)
         self.removed = {"web": [0, 0], "synthetic": [0, 0]}  # [scored, kept] by the primary scorer
+        self.web_truncated = [0, 0]  # web captions [measured, longer than the filter reads]
         self.rows = self.kept = self.texts_kept = 0
         self.syn_rows = 0  # rows with a non-null synthetic_captions list
         self.selected_rows = 0  # rows with a non-null captions list
@@ -188,6 +189,10 @@ class Scan:
                 self.size_moments[c].add(v)
                 self.sizes[c] += np.bincount(np.minimum(v.astype(np.int64) // SIZE_BIN_PX, SIZE_BINS),
                                              minlength=SIZE_BINS + 1)
+        if "web_text_truncated" in cols:
+            tr = rb.column("web_text_truncated")
+            self.web_truncated[0] += n - tr.null_count
+            self.web_truncated[1] += int(pc.sum(tr.cast(pa.int64())).as_py() or 0)
         web_kept, syn_kept = self._add_selection(rb, cols, st)
         for s in self.scores:
             if f"web_{s}" in cols:
@@ -339,6 +344,14 @@ class Scan:
         if self.top_k is not None:
             sc, k = self.removed["web"]
             out["web_in_top_k_share"] = k / sc if sc else None
+        if "web_text_truncated" in self.columns:
+            scorers = config_get(self.record, "score", "scorers") or []
+            blip = bool({"itm", "itc"} & set(scorers))
+            out["web_text_truncated"] = {
+                "measured": self.web_truncated[0], "truncated": self.web_truncated[1],
+                # the filter reads this many tokens ([CLS]/[SEP] included); CLIP alone: its context
+                "max_text_tokens": config_get(self.record, "score", "max_text_tokens") if blip else None,
+            }
         return out
 
     def captions(self) -> dict[str, Any] | None:
@@ -524,3 +537,19 @@ def row_summary(row: dict[str, Any], shard: str, index: int, primary: str | None
         "synthetic": [{"text": t, "score": scores[i], "kept": marks[i]} for i, t in enumerate(texts)],
         "_image": row.get("image"),
     }
+
+
+def truncation_line(filt: dict[str, Any] | None) -> str | None:
+    """The report's one sentence on web captions longer than the filter reads, or ``None`` (none, or not recorded).
+
+    Args:
+        filt: the report's ``filter`` section (:meth:`ReportScan.filter`).
+    """
+    tr = (filt or {}).get("web_text_truncated")
+    if not tr or not tr["truncated"]:
+        return None
+    n, limit = tr["truncated"], tr.get("max_text_tokens")
+    what = f"the filter reads ({limit} tokens)" if limit else "the scorer reads (CLIP's context)"
+    first = f"first {limit} tokens" if limit else "first tokens"
+    return (f"{n:,} of {tr['measured']:,} web captions ({n / tr['measured']:.1%}) were longer than {what} and were "
+            f"judged on their {first}; a kept one is stored whole (column web_text_truncated).")

@@ -11,15 +11,15 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from capfilt.modeling.batching import chunks, is_oom
-from capfilt.errors import one_line, shorten
+from capfilt.errors import ROW_MESSAGE_CHARS, one_line, shorten
 from capfilt.schema import SUCCESS
 from capfilt.stages.base import column_or_nulls, set_column
 
 R = TypeVar("R")
 log = logging.getLogger(__name__)
 
-#: Longest ``error_message`` a model stage writes (characters).
-MAX_ERROR_CHARS = 300
+#: Longest ``error_message`` a model stage writes (characters): the one row-message limit.
+MAX_ERROR_CHARS = ROW_MESSAGE_CHARS
 
 
 def success_rows(batch: pa.Table) -> list[int]:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from capfilt import schema
 from capfilt.config import DownloadConfig
-from capfilt.errors import shorten
+from capfilt.errors import row_message, shorten
 from capfilt.io.fetch import fetch
 from capfilt.io.imaging import ImageProcessor, ImageResult
 from capfilt.stages.base import Stage, column_or_nulls, set_column, set_field
@@ -99,7 +99,7 @@ class DownloadStage(Stage):
             if r is None:
                 r = ImageResult(prior_status[i], prior_message[i])
             status.append(r.status)
-            message.append(r.error_message)
+            message.append(row_message(r.error_message))
             image.append(r.image)
             width.append(r.width)
             height.append(r.height)

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from capfilt.config import ModelPreset, ScoreConfig
-from capfilt.modeling.scores import ScoreResult
-from capfilt.schema import CAPTION_FIELDS, FAILED_TO_SCORE, SUCCESS, score_fields
+from capfilt.modeling.scores import ScoreResult, token_counts
+from capfilt.schema import CAPTION_FIELDS, FAILED_TO_SCORE, SUCCESS, TEXT_LENGTH_FIELDS, score_fields
 from capfilt.stages._model_rows import add_seconds, decode_image, mark_failed, run_rows, success_rows
 from capfilt.stages.base import RunContext, Stage, column_or_nulls, set_column, set_field
 
@@ -41,7 +41,10 @@ class ScoreStage(Stage):
 
     ``itm`` / ``itc`` come from the filter (``preset.filter``, :class:`BlipScorer`), ``clip`` from
     ``preset.clip`` (:class:`ClipScorer`). Each image is encoded once per model; texts are
-    truncated to ``cfg.max_text_tokens`` (CLIP: its 77-token context). ``cfg.batch_size`` images
+    truncated to ``cfg.max_text_tokens`` (CLIP: its 77-token context). Truncation is recorded:
+    ``web_text_tokens`` (int32, the web caption's token count for the filter's tokenizer, special
+    tokens included) and ``web_text_truncated`` (bool, more than the filter reads), null where the
+    row was not scored or has no web caption. ``cfg.batch_size`` images
     (with all their texts) per model call; a failing micro-batch is retried row by row and a row
     that still fails gets status ``failed_to_score`` and a short ``error_message``.
 
@@ -69,8 +72,9 @@ class ScoreStage(Stage):
 
     @classmethod
     def output_fields(cls, scorers: Sequence[str] = ()) -> list[pa.Field]:
-        """:func:`capfilt.schema.score_fields` of each scorer the run's shards hold."""
-        return [f for s in scorers for f in score_fields(s)]
+        """:func:`capfilt.schema.score_fields` of each scorer the run's shards hold, then
+        :data:`capfilt.schema.TEXT_LENGTH_FIELDS` (when there are scorers)."""
+        return [f for s in scorers for f in score_fields(s)] + (list(TEXT_LENGTH_FIELDS) if scorers else [])
 
     @classmethod
     def build(cls, cfg: PipelineConfig, ctx: RunContext) -> ScoreStage:
@@ -79,10 +83,14 @@ class ScoreStage(Stage):
 
     @staticmethod
     def stats(table: pa.Table) -> dict[str, Any]:
-        """``texts_scored``: candidate texts scored in the shard."""
-        if "_texts_score" not in table.column_names:
-            return {"texts_scored": 0}
-        return {"texts_scored": int(pc.sum(table.column("_texts_score")).as_py() or 0)}
+        """``texts_scored``: candidate texts scored in the shard; ``web_texts_truncated``: web
+        captions longer than the filter reads (judged on their first ``max_text_tokens``)."""
+        out = {"texts_scored": 0, "web_texts_truncated": 0}
+        if "_texts_score" in table.column_names:
+            out["texts_scored"] = int(pc.sum(table.column("_texts_score")).as_py() or 0)
+        if "web_text_truncated" in table.column_names:
+            out["web_texts_truncated"] = int(pc.sum(table.column("web_text_truncated").cast(pa.int64())).as_py() or 0)
+        return out
 
     @classmethod
     def throughput(cls, totals: dict[str, Any], seconds: float) -> dict[str, float] | None:
@@ -109,7 +117,8 @@ class ScoreStage(Stage):
             from capfilt.modeling.blip_scorer import BlipScorer
 
             spec = require_role(self.preset, "filter")
-            scorers.append(BlipScorer.from_spec(spec, self.preset, blip_kinds, self.cfg.max_text_tokens))
+            scorers.append(BlipScorer.from_spec(spec, self.preset, blip_kinds, self.cfg.max_text_tokens,
+                                                self.cfg.itm_text_prefix))
         if "clip" in self.cfg.scorers:
             from capfilt.modeling.clip_scorer import ClipScorer
 
@@ -127,8 +136,22 @@ class ScoreStage(Stage):
                         m[s] = value
         return merged
 
+    def _web_lengths(self, web: list[Any], scored: dict[int, Any], n: int) -> tuple[list[int | None], list[bool | None]]:
+        """``web_text_tokens`` and ``web_text_truncated`` of every row (null unless scored with a web caption),
+        for the first scorer's tokenizer and limit (the BLIP filter's when it scores, else CLIP's)."""
+        tokens: list[int | None] = [None] * n
+        truncated: list[bool | None] = [None] * n
+        rows = [r for r in sorted(scored) if _has_web(web[r])]
+        if rows and self.scorers:
+            scorer = self.scorers[0]
+            counts = token_counts(scorer.processor.tokenizer, [web[r] for r in rows])
+            for r, c in zip(rows, counts):
+                tokens[r], truncated[r] = c, c > scorer.max_text_tokens
+        return tokens, truncated
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Score the ``success`` rows of ``batch``; same rows, same order, plus the score columns."""
+        """Score the ``success`` rows of ``batch``; same rows, same order, plus the score columns
+        and ``web_text_tokens`` / ``web_text_truncated``."""
         start = time.perf_counter()
         self.setup()
         images = column_or_nulls(batch, "image")
@@ -159,6 +182,10 @@ class ScoreStage(Stage):
             syn_field, web_field = score_fields(s)
             out = set_field(out, syn_field, syn_col)
             out = set_field(out, web_field, web_col)
+        tokens, truncated = self._web_lengths(web, results, n)
+        length_fields = dict(zip((f.name for f in TEXT_LENGTH_FIELDS), TEXT_LENGTH_FIELDS))
+        out = set_field(out, length_fields["web_text_tokens"], tokens)
+        out = set_field(out, length_fields["web_text_truncated"], truncated)
         texts_count = [len(texts_of(r)) if r in results else 0 for r in range(n)]
         out = set_column(out, "_texts_score", pa.array(texts_count, pa.int32()))
         out = mark_failed(out, errors, FAILED_TO_SCORE)

@@ -8,6 +8,7 @@ image-text similarity and keep the top two. Both are :class:`capfilt.config.Sele
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any, ClassVar
 
@@ -18,6 +19,28 @@ from capfilt.config import SelectConfig
 from capfilt.schema import (CAPTION_FIELDS, DROP_BELOW_THRESHOLD, DROP_NO_CANDIDATES, DROP_NOT_DOWNLOADED,
                             SELECT_FIELDS, SOURCE_SYNTHETIC, SOURCE_WEB, SUCCESS)
 from capfilt.stages.base import Stage, column_or_nulls, set_field
+
+
+_TRAILING_PUNCT = ".,;:!?…\"'`)]} "
+
+
+def normalize_text(text: str) -> str:
+    """The form two candidate captions are compared in: lower case, runs of whitespace as one space,
+    no surrounding whitespace or trailing punctuation (``"A  dog."`` and ``"a dog"`` are the same).
+    """
+    return re.sub(r"\s+", " ", text.lower()).strip().rstrip(_TRAILING_PUNCT)
+
+
+def _distinct(cands: list[tuple[str, str, dict[str, float | None]]]) -> list[tuple[str, str, dict[str, float | None]]]:
+    """``cands`` (already ranked best first) without later copies of a text (see :func:`normalize_text`)."""
+    seen: set[str] = set()
+    out = []
+    for c in cands:
+        norm = normalize_text(c[0])
+        if norm not in seen:
+            seen.add(norm)
+            out.append(c)
+    return out
 
 
 class SelectStage(Stage):
@@ -32,6 +55,8 @@ class SelectStage(Stage):
     Rows that did not succeed get null lists and ``keep = False``.
 
     A candidate whose needed score is null (never computed) does not pass a threshold on it.
+    With ``cfg.dedup_texts``, a text equal to a better-ranked one after :func:`normalize_text`
+    is dropped before ``top_k`` is applied (ties keep the earlier candidate: web first).
     With no threshold set and no ``rank_by`` column (the ``download`` recipe), the web caption is
     kept as is with a null score.
     """
@@ -81,6 +106,8 @@ class SelectStage(Stage):
                       if all(c[2][s] is not None and c[2][s] >= t for s, t in thresholds.items())]
             # stable sort: ties keep candidate order (web first, then generation order)
             passed.sort(key=lambda c: -(c[2][cfg.rank_by] if c[2][cfg.rank_by] is not None else float("-inf")))
+            if cfg.dedup_texts:
+                passed = _distinct(passed)  # before top_k: duplicates must not take two places
             if cfg.top_k is not None:
                 passed = passed[: cfg.top_k]
             captions.append([c[0] for c in passed])

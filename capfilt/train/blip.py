@@ -17,6 +17,13 @@ One :class:`BlipTask` covers three recipes:
     causal in the decoder), the decoder's LM head transform and bias (its output matrix is
     tied to the shared word embeddings), and the filter's ``vision_proj``, ``text_proj`` and
     ``itm_head``.
+  Where training starts: the shared modules hold *one* checkpoint's weights,
+  ``model.shared_weights_from`` (default ``captioner``). Starting from two different finetuned
+  checkpoints (``blip-base-pretrain``: the COCO captioner and the COCO ITM filter), the filter
+  keeps its own self-attention, ``vision_proj``, ``text_proj`` and ``itm_head`` but its image
+  encoder, text embeddings, cross-attention and feed-forward blocks become the captioner's; a
+  warning lists what was discarded, and the saved components' ``capfilt.json`` records
+  ``shared_weights_from``.
 - ``caption`` (COCO finetuning of the captioner, LM only) and ``itm`` (COCO finetuning of the
   filter, ITC + ITM): the same code with one component.
 
@@ -29,9 +36,11 @@ Losses (names in logs: ``itc``, ``itm``, ``lm``):
   the momentum-free variant: no momentum encoder, no queue, no momentum distillation.
 - ITM: binary match/no-match on the text encoder with cross-attention to the image; for every
   image one negative text and for every text one negative image, sampled from the detached
-  in-batch ITC softmax (hard negative mining, BLIP §3.2), never from the same group. Texts start
-  with ``[CLS]`` exactly as ``BlipForImageTextRetrieval.forward`` and capfilt's scorer feed them
-  (the original BLIP replaces it with ``[ENC]``; HF checkpoints are used with ``[CLS]``).
+  in-batch ITC softmax (hard negative mining, BLIP §3.2), never from the same group. The ITM
+  text's first token is ``[ENC]`` as in BLIP (``encoder_input_ids[:, 0] = enc_token_id``) or
+  ``[CLS]``, per ``model.itm_text_prefix`` (:mod:`capfilt.modeling.itm_prefix`); the choice is
+  recorded in the saved filter's ``capfilt.json`` so that ``capfilt run`` scores the same way.
+  ITC reads the text with ``[CLS]`` (BLIP's unimodal text encoder).
 - LM: image-grounded decoder, first token replaced by ``[DEC]`` (``bos_token_id``), optional
   prompt excluded from the loss (BLIP COCO captioning: ``"a picture of "``), cross-entropy with
   label smoothing 0.1 (BLIP) over the non-pad tokens.
@@ -39,6 +48,7 @@ Losses (names in logs: ``itc``, ``itm``, ``lm``):
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -46,8 +56,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from capfilt.config import ConfigError
+from capfilt.modeling.itm_prefix import with_prefix
 from capfilt.train.data import collate_common
 from capfilt.train.task import TrainTask, apply_config_overrides, load_hf
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,6 +193,54 @@ class BlipCollator:
 # ------------------------------------------------------------------------------------------------
 # the task
 # ------------------------------------------------------------------------------------------------
+def _shared_pairs(filter: Any, captioner: Any, share_text: bool) -> list[tuple[str, nn.Module, nn.Module]]:
+    """``(name, filter module, captioner module)`` of every module BLIP pre-training shares."""
+    pairs = [("vision_model", filter.vision_model, captioner.vision_model)]
+    if share_text:
+        enc, dec = filter.text_encoder, captioner.text_decoder.bert
+        pairs.append(("text_encoder.embeddings", enc.embeddings, dec.embeddings))
+        for i, (le, ld) in enumerate(zip(enc.encoder.layer, dec.encoder.layer)):
+            for name in ("crossattention", "intermediate", "output"):
+                if hasattr(le, name) and hasattr(ld, name):
+                    pairs.append((f"text_encoder.encoder.layer.{i}.{name}", getattr(le, name), getattr(ld, name)))
+    return pairs
+
+
+def take_shared_weights(filter: Any, captioner: Any, share_text: bool, source: str) -> dict[str, Any]:
+    """Before sharing, make both components' shared modules hold ``source``'s weights.
+
+    Args:
+        filter / captioner: the two BLIP components (before :func:`share_text_layers`).
+        share_text: whether the text layers are shared too (else only the image encoder).
+        source: ``captioner`` (keep the captioner's weights: sharing then simply drops the
+            filter's copies) or ``filter`` (copy the filter's into the captioner's modules).
+
+    Returns:
+        ``{"modules": [names whose weights differed and were replaced], "tensors": count,
+        "parameters": count}`` describing what the other component lost.
+
+    Raises:
+        ConfigError: the modules' shapes differ (as :func:`share_text_layers`).
+    """
+    lost: list[str] = []
+    tensors = params = 0
+    for name, fm, cm in _shared_pairs(filter, captioner, share_text):
+        keep, drop = (cm, fm) if source == "captioner" else (fm, cm)
+        ksd, dsd = keep.state_dict(), drop.state_dict()
+        if ksd.keys() != dsd.keys() or any(ksd[k].shape != dsd[k].shape for k in ksd):
+            raise ConfigError(f"cannot share {name}: the captioner's and the filter's differ in shape")
+        differ = [k for k in ksd if not torch.equal(ksd[k], dsd[k])]
+        if differ:
+            lost.append(name)
+            tensors += len(differ)
+            params += sum(dsd[k].numel() for k in differ)
+        if source == "filter":
+            with torch.no_grad():
+                for k in ksd:
+                    dsd[k].copy_(ksd[k])
+    return {"modules": lost, "tensors": tensors, "parameters": params}
+
+
 def share_text_layers(encoder: nn.Module, decoder: nn.Module) -> list[str]:
     """Make a ``BlipTextModel`` encoder use a decoder's modules for everything but self-attention.
 
@@ -220,14 +281,34 @@ class BlipTask(TrainTask):
         loss: :class:`~capfilt.train.config.LossConfig`.
         data: :class:`~capfilt.train.config.TrainDataConfig` (prompt, token limit).
         share_text: tie the text encoder to the decoder (BLIP §3.1) when both exist.
+        shared_weights_from: ``captioner`` / ``filter``: whose weights the shared modules start
+            from when both components exist (:func:`take_shared_weights`); the other's are
+            discarded, with a warning naming them when they differ.
+        sources: ``{"captioner": id, "filter": id}`` for that warning.
+        itm_text_prefix: ``auto`` / ``enc`` / ``cls``: the ITM text's first token
+            (:func:`capfilt.modeling.itm_prefix.resolve_itm_prefix`).
+        recorded_prefix: the prefix the starting filter checkpoint was trained with (its ``capfilt.json``).
+        recipe_name: written into the saved components' ``capfilt.json``.
+
+    Attributes:
+        itm_text_prefix / itm_prefix_id: the resolved prefix (``enc`` | ``cls``) and its token id
+            (``None`` without a filter).
 
     Raises:
-        ConfigError: missing component for an objective, or components that cannot be shared.
+        ConfigError: missing component for an objective, components that cannot be shared, or
+            ``enc`` for a tokenizer without ``[ENC]``.
     """
 
     def __init__(self, captioner: Any, captioner_processor: Any, filter: Any, filter_processor: Any,
-                 objectives: tuple[str, ...], loss: Any, data: Any, share_text: bool = True) -> None:
+                 objectives: tuple[str, ...], loss: Any, data: Any, share_text: bool = True,
+                 itm_text_prefix: str = "auto", recorded_prefix: str | None = None, recipe_name: str | None = None,
+                 shared_weights_from: str = "captioner", sources: dict[str, str] | None = None) -> None:
         super().__init__()
+        self.shared_weights_from: str | None = None
+        self.discarded: dict[str, Any] = {}
+        self.recipe_name = recipe_name
+        self.itm_text_prefix: str | None = None
+        self.itm_prefix_id: int | None = None
         self.objectives = tuple(objectives)
         if "lm" in objectives and captioner is None:
             raise ConfigError("objective lm needs a captioner")
@@ -249,6 +330,22 @@ class BlipTask(TrainTask):
             if dict(cs) != dict(fs):
                 raise ConfigError(f"captioner and filter image processors differ ({dict(cs)} vs {dict(fs)}); "
                                   f"BLIP pre-training uses one image encoder")
+            if shared_weights_from not in ("captioner", "filter"):
+                raise ConfigError(f"model.shared_weights_from must be captioner or filter, not {shared_weights_from!r}")
+            self.shared_weights_from = shared_weights_from
+            self.discarded = take_shared_weights(self.filter, self.captioner, share_text, shared_weights_from)
+            if self.discarded["modules"]:
+                other = "filter" if shared_weights_from == "captioner" else "captioner"
+                src = sources or {}
+                mods = self.discarded["modules"]
+                log.warning(
+                    "BLIP pre-training shares the image encoder%s between captioner and filter: the %s's own weights "
+                    "for %d module(s) (%s; %d tensors, %s parameters) are discarded and training starts from the "
+                    "%s's (%s). Set model.shared_weights_from=%s to start these modules from the %s instead.",
+                    " and text layers (all but self-attention)" if share_text else "", other, len(mods),
+                    ", ".join(mods[:4]) + (f", ... {len(mods) - 4} more" if len(mods) > 4 else ""),
+                    self.discarded["tensors"], f"{self.discarded['parameters']:,}", shared_weights_from,
+                    src.get(shared_weights_from, "?"), other, other)
             self.filter.vision_model = self.captioner.vision_model  # one image encoder (BLIP §3.1)
             self.shared.append("vision_model")
             if share_text:
@@ -262,9 +359,27 @@ class BlipTask(TrainTask):
                                if f"text_encoder.encoder.layer.{i}.crossattention" not in self.shared))
             if "itc" not in objectives:  # similarities then only pick ITM negatives (no gradient)
                 self.exclude(self.filter.vision_proj, self.filter.text_proj)
+        if self.filter is not None:
+            from capfilt.modeling.itm_prefix import resolve_itm_prefix
+
+            try:
+                self.itm_text_prefix, self.itm_prefix_id = resolve_itm_prefix(
+                    itm_text_prefix, filter_processor.tokenizer, recorded_prefix,
+                    getattr(self.filter.config, "text_config", None))
+            except ValueError as e:
+                raise ConfigError(f"model.itm_text_prefix: {e}") from None
         if {"itc", "itm"} & set(objectives):
             self.temp = nn.Parameter(torch.tensor(float(loss.temp)),
                                      requires_grad=bool(loss.learn_temp and "itc" in objectives))
+
+    def model_record(self, name: str) -> dict[str, Any]:
+        """The filter records its ITM text prefix (``capfilt run`` scores with the same one)."""
+        rec: dict[str, Any] = {"recipe": self.recipe_name} if self.recipe_name else {}
+        if name == "filter" and self.itm_text_prefix is not None:
+            rec["itm_text_prefix"] = self.itm_text_prefix
+        if self.shared_weights_from is not None:
+            rec["shared_weights_from"] = self.shared_weights_from
+        return rec
 
     @property
     def image_processor(self) -> Any:
@@ -306,7 +421,8 @@ class BlipTask(TrainTask):
             if "itm" in self.objectives:
                 img_idx, txt_idx, labels = itm_pairs(sim_i2t.detach(), groups, self.loss_cfg.hard_negatives)
                 enc = image_embeds.index_select(0, img_idx)
-                out = f.text_encoder(input_ids=ids.index_select(0, txt_idx),
+                itm_ids = with_prefix(ids.index_select(0, txt_idx), self.itm_prefix_id)  # [ENC] or [CLS] first
+                out = f.text_encoder(input_ids=itm_ids,
                                      attention_mask=mask.index_select(0, txt_idx),
                                      encoder_hidden_states=enc,
                                      encoder_attention_mask=torch.ones(enc.shape[:-1], dtype=torch.long,
@@ -345,9 +461,27 @@ def build_blip_task(recipe: Any) -> BlipTask:
         return model, proc
 
     captioner = cap_proc = filt = filt_proc = None
+    recorded = None
     if "lm" in objectives:
         captioner, cap_proc = load(BlipForConditionalGeneration, m.captioner)
     if {"itc", "itm"} & set(objectives):
         filt, filt_proc = load(BlipForImageTextRetrieval, m.filter)
+        recorded = _recorded_prefix(m.filter, m.builder, m.revision) if m.init == "pretrained" else None
     return BlipTask(captioner, cap_proc, filt, filt_proc, objectives, recipe.loss, recipe.data,
-                    share_text=m.share_text_layers)
+                    share_text=m.share_text_layers, itm_text_prefix=m.itm_text_prefix, recorded_prefix=recorded,
+                    recipe_name=recipe.name, shared_weights_from=m.shared_weights_from,
+                    sources={"captioner": str(m.captioner), "filter": str(m.filter)})
+
+
+def _recorded_prefix(model_id: str, builder: str | None, revision: str | None) -> str | None:
+    """The ITM prefix a local starting checkpoint recorded in its ``capfilt.json`` (``None``: no record)."""
+    from pathlib import Path
+
+    from capfilt.modeling.loading import resolve_checkpoint
+    from capfilt.modeling.record import read_model_record
+
+    folder = Path(resolve_checkpoint(model_id, builder, revision).path)
+    try:
+        return read_model_record(folder).get("itm_text_prefix") if folder.is_dir() else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -19,7 +19,10 @@ Three objectives with the paper's self-attention masks (BLIP-2 Fig. 2):
 Stage 2, generative learning (:class:`Blip2Stage2Task`): ``Blip2ForConditionalGeneration``: the
 query outputs go through ``language_projection`` (a linear layer) into a **frozen** decoder-only
 LM (OPT) as soft visual prompts in front of the text; LM loss on the text tokens (the LM's own
-cross-entropy, no smoothing, as LAVIS). Trained: ``query_tokens``, ``qformer``,
+cross-entropy, no smoothing, as LAVIS). Each text ends with the token generation stops on
+(:func:`generation_stop_id`: ``"\n"`` for HF's OPT checkpoints, as LAVIS appends ``"\n"``), not
+blindly the tokenizer's ``</s>``, so a trained checkpoint stops instead of running to
+``max_new_tokens``; the saved captioner's ``capfilt.json`` records that token. Trained: ``query_tokens``, ``qformer``,
 ``language_projection``. The Q-Former can start from a stage-1 output (``model.qformer_from``).
 
 Frozen modules have ``requires_grad=False`` and stay in eval mode (no dropout) while training.
@@ -208,19 +211,24 @@ class Blip2LmCollator:
 
     ``input_ids`` = ``Q`` image placeholder tokens (replaced by the projected queries inside
     ``Blip2ForConditionalGeneration``), then the LM tokenizer's encoding of ``prompt + text``
-    (with its BOS), then EOS; right padding. ``labels`` = ``input_ids`` with ``-100`` on the
-    placeholders, BOS + prompt tokens and padding.
+    (with its BOS), then the stop token; right padding. ``labels`` = ``input_ids`` with ``-100``
+    on the placeholders, BOS + prompt tokens and padding.
 
     Args:
         tokenizer: the LM tokenizer (OPT: BOS = EOS = ``</s>``).
         num_query: placeholder count (``config.num_query_tokens``).
         image_token_id: ``config.image_token_id``.
-        max_tokens: text tokens kept (BOS and EOS included).
+        max_tokens: text tokens kept (BOS and the stop token included).
         prompt: text prefix excluded from the loss.
+        eos_token_id: the token appended to every text: the one generation stops on
+            (:func:`generation_stop_id`; for HF's OPT BLIP-2 checkpoints ``"\n"``, as LAVIS trains);
+            default the tokenizer's EOS.
     """
 
-    def __init__(self, tokenizer: Any, num_query: int, image_token_id: int, max_tokens: int, prompt: str = "") -> None:
+    def __init__(self, tokenizer: Any, num_query: int, image_token_id: int, max_tokens: int, prompt: str = "",
+                 eos_token_id: int | None = None) -> None:
         self.tokenizer = tokenizer
+        self.eos = int(eos_token_id if eos_token_id is not None else tokenizer.eos_token_id)
         self.num_query = num_query
         self.image_token_id = image_token_id
         self.max_tokens = max_tokens
@@ -232,7 +240,7 @@ class Blip2LmCollator:
         batch = collate_common(samples)
         enc = self.tokenizer([self.prompt + t for t in batch["texts"]], truncation=True,
                              max_length=self.max_tokens - 1)["input_ids"]
-        seqs = [[self.image_token_id] * self.num_query + e + [self.tokenizer.eos_token_id] for e in enc]
+        seqs = [[self.image_token_id] * self.num_query + e + [self.eos] for e in enc]
         n = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -244,6 +252,22 @@ class Blip2LmCollator:
             labels[i, start: len(s)] = ids[i, start: len(s)]
         batch["input_ids"], batch["attention_mask"], batch["labels"] = ids, mask, labels
         return batch
+
+
+def generation_stop_id(model: Any, tokenizer: Any) -> int:
+    """The token ``model.generate`` stops on: the model's ``generation_config.eos_token_id`` (the first
+    when it is a list), else its LM config's ``eos_token_id``, else the tokenizer's EOS.
+
+    HF's OPT BLIP-2 checkpoints stop on ``"\n"`` (id 50118; their conversion sets it, as LAVIS trains
+    with a ``"\n"`` suffix) while the OPT tokenizer's EOS is ``</s>``: the stage-2 trainer appends
+    this token so a trained checkpoint stops where generation looks for the end.
+    """
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model.config, "text_config", None), "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return int(eos) if eos is not None else int(tokenizer.eos_token_id)
 
 
 class Blip2Stage2Task(TrainTask):
@@ -269,6 +293,7 @@ class Blip2Stage2Task(TrainTask):
         self.processor = processor
         self.data_cfg = data
         self.loss_weights = dict(loss.weights)
+        self.eos_token_id = generation_stop_id(model, processor.tokenizer)
         self.components["captioner"] = (model, processor)
         self.freeze("vision_model", model.vision_model)
         self.freeze("language_model", model.language_model)
@@ -286,7 +311,12 @@ class Blip2Stage2Task(TrainTask):
         """:class:`Blip2LmCollator` for this model's query count and image token."""
         cfg = self.model.config
         return Blip2LmCollator(self.processor.tokenizer, cfg.num_query_tokens, cfg.image_token_id,
-                               self.data_cfg.max_text_tokens, self.data_cfg.prompt)
+                               self.data_cfg.max_text_tokens, self.data_cfg.prompt, eos_token_id=self.eos_token_id)
+
+    def model_record(self, name: str) -> dict[str, Any]:
+        """The captioner records the stop token its captions were trained to end with."""
+        tok = self.processor.tokenizer
+        return {"eos_token_id": self.eos_token_id, "eos_token": tok.convert_ids_to_tokens(self.eos_token_id)}
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``{"lm", "loss"}`` of one micro-batch (the LM's own shifted cross-entropy)."""

@@ -55,6 +55,17 @@ class TrainModelConfig(Strict):
             checkpoint's config with fresh weights (``initializer_range`` of that config).
         share_text_layers: ``blip`` with both ``captioner`` and ``filter``: the text encoder and
             decoder share every parameter except the self-attention layers (BLIP §3.1).
+        shared_weights_from: ``blip`` with both ``captioner`` and ``filter``: which checkpoint the
+            shared modules start from (the one image encoder and, with ``share_text_layers``, the
+            text embeddings and every layer's cross-attention and feed-forward blocks). The other
+            component's own weights for those modules are discarded (a warning says so when they
+            differ): with ``captioner``, a COCO-finetuned filter keeps only its self-attention,
+            projections and ITM head.
+        itm_text_prefix: the first text token of the ITM objective: ``enc`` (BLIP's ``[ENC]``),
+            ``cls``, or ``auto`` (what the starting filter checkpoint recorded in its
+            ``capfilt.json``, else ``enc`` when its tokenizer has ``[ENC]``, else ``cls``). The
+            choice is recorded in the saved filter's ``capfilt.json`` and ``capfilt run`` scores
+            with it (:mod:`capfilt.modeling.itm_prefix`).
         num_query_tokens: BLIP-2 learned queries (32 in BLIP-2 §3.1).
         config_overrides: attributes set on every loaded model config before the model is built,
             by dotted path (``{"qformer_config.hidden_dropout_prob": 0.0}``); e.g. dropout rates.
@@ -69,6 +80,8 @@ class TrainModelConfig(Strict):
     revision: str | None = None
     init: Literal["pretrained", "random"] = "pretrained"
     share_text_layers: bool = True
+    shared_weights_from: Literal["captioner", "filter"] = "captioner"
+    itm_text_prefix: Literal["auto", "enc", "cls"] = "auto"
     num_query_tokens: int = Field(32, ge=1, le=512)
     config_overrides: dict[str, Any] = {}
 

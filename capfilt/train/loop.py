@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from capfilt.config import ConfigError
+from capfilt.errors import CapfiltError, one_line, shorten
 from capfilt.train.config import TrainRecipe
 from capfilt.train.data import ImageTransform, StreamingDataset, open_source
 from capfilt.train.builders import build_task
@@ -138,6 +139,44 @@ def _set_rng_state(st: dict[str, Any]) -> None:
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class CheckpointError(CapfiltError):
+    """A trainer checkpoint cannot be loaded safely (it holds something other than tensors and plain data)."""
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """Read a ``trainer_state.pt`` with torch's weights-only unpickler (no code runs while loading).
+
+    The file holds only tensors, dicts, lists, tuples and numbers/strings (step, AdamW and scheduler
+    state, RNG states, data positions), which ``torch.load(weights_only=True)`` accepts; any other
+    pickled object (a class, a function, an ``os.system`` call smuggled in via ``__reduce__``) is
+    refused before it is constructed, so a writable shared output folder cannot run code on resume.
+
+    Args:
+        path: the ``trainer_state.pt`` file.
+
+    Returns:
+        the state dict written by the trainer.
+
+    Raises:
+        CheckpointError: the file holds anything but plain data, or is not a torch file; the message
+            names the file and what to do.
+    """
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"refusing to load trainer checkpoint {path}: it is not plain tensors/numbers that capfilt's trainer "
+            f"writes, so it was not unpickled (loading it could run code). Detail: {shorten(one_line(e), 300)}. "
+            f"Delete that checkpoint folder (training resumes from an older one, or starts again with "
+            f"--overwrite) if you did not write it yourself.") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"trainer checkpoint {path} has no 'step': not written by capfilt's trainer; delete "
+                              f"that checkpoint folder or start again with --overwrite")
+    return state
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -266,7 +305,7 @@ def _train(recipe: TrainRecipe, data: str | Sequence[str], out: Path, dev: torch
     ckpt = latest_checkpoint(out) if resume else None
     state: dict[str, Any] | None = None
     if ckpt is not None:
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_trainer_state(ckpt / STATE_FILE)
         if state["world_size"] != world:
             raise ConfigError(f"{ckpt} was written by {state['world_size']} training process(es), this run has "
                               f"{world}; resume with the same number (data positions are per process)")

@@ -64,13 +64,12 @@ def train_with_ray(recipe: TrainRecipe, data: str, output: str | Path, *, num_wo
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray (as capfilt's runner does)
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=True)
-    import torch
 
-    from capfilt.train.loop import STATE_FILE, latest_checkpoint
+    from capfilt.train.loop import STATE_FILE, latest_checkpoint, load_trainer_state
 
     out = Path(output).resolve()
     before = latest_checkpoint(out) if resume and not overwrite else None
-    resumed = int(torch.load(before / STATE_FILE, weights_only=False)["step"]) if before is not None else None
+    resumed = int(load_trainer_state(before / STATE_FILE)["step"]) if before is not None else None
     cfg = {"recipe": recipe, "data": data, "output": str(out), "images": images, "stop_after": stop_after,
            "resume": resume, "overwrite": overwrite}
     trainer = TorchTrainer(
@@ -80,7 +79,7 @@ def train_with_ray(recipe: TrainRecipe, data: str, output: str | Path, *, num_wo
         run_config=RunConfig(name=f"capfilt-train-{recipe.name}", storage_path=str(out / "ray")))
     trainer.fit()
     ckpt = latest_checkpoint(out)
-    step = int(torch.load(ckpt / STATE_FILE, weights_only=False)["step"]) if ckpt is not None else 0
+    step = int(load_trainer_state(ckpt / STATE_FILE)["step"]) if ckpt is not None else 0
     log = out / "train_log.jsonl"
     history = [r for r in (json.loads(x) for x in log.read_text().splitlines() if x.strip())
                if r["step"] > (resumed or 0)] if log.is_file() else []

@@ -144,8 +144,13 @@ class TrainTask(nn.Module):
         owned = {id(t) for m, _ in self.components.values() for t in list(m.parameters()) + list(m.buffers())}
         return {k: t for k, t in self.state_dict(keep_vars=True).items() if id(t) not in owned}
 
+    def model_record(self, name: str) -> dict[str, Any]:
+        """What to record in component ``name``'s ``capfilt.json`` (:mod:`capfilt.modeling.record`);
+        ``{}`` writes none. Tasks add how the component was trained (e.g. the ITM text prefix)."""
+        return {}
+
     def save(self, directory: Path) -> list[Path]:
-        """Write each component with ``save_pretrained`` (+ processor) and the extras.
+        """Write each component with ``save_pretrained`` (+ processor), its ``capfilt.json`` record, and the extras.
 
         Returns:
             The component folders (``directory/<name>``).
@@ -154,9 +159,14 @@ class TrainTask(nn.Module):
 
         directory.mkdir(parents=True, exist_ok=True)
         out = []
+        from capfilt.modeling.record import write_model_record
+
         for name, (model, processor) in self.components.items():
             model.save_pretrained(directory / name)
             processor.save_pretrained(directory / name)
+            record = self.model_record(name)
+            if record:
+                write_model_record(directory / name, record)
             out.append(directory / name)
         extras = {k: t.detach().cpu().contiguous() for k, t in self._extra_tensors().items()}
         if extras:

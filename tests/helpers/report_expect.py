@@ -227,6 +227,13 @@ def expected_report(out: Path, data: dict[str, Any]) -> dict[str, Any]:
                 f["removed"][w]["removed_share"] = (sc - k) / sc
         if select.get("top_k") is not None and web_scored:
             f["web_in_top_k_share"] = web_kept / web_scored
+        if "web_text_truncated" in cols:
+            tr = t["web_text_truncated"]
+            f["web_text_truncated"] = {"measured": len(tr) - tr.null_count,
+                                       "truncated": int(pc.sum(tr.cast(pa.int64())).as_py() or 0)}
+            score = cfg.get("score") or {}
+            if {"itm", "itc"} & set(score.get("scorers") or []):
+                f["web_text_truncated"]["max_text_tokens"] = score.get("max_text_tokens")
         exp["filter"] = f
 
     caps: dict[str, Any] = {}

@@ -142,6 +142,8 @@ def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Li
         it = items[i % len(items)]
         r: dict = {"key": f"{i:09d}", "url": f"http://127.0.0.1:8000/coco/{it['id']:012d}.jpg?n={i}"}
         r["caption"] = None if i % 37 == 5 else it["captions"][i % len(it["captions"])]
+        if i % 29 == 3 and r["caption"] is not None:  # alt text far longer than the filter reads
+            r["caption"] = " ".join([r["caption"].rstrip(".")] * 5)
         label = names[int(lrng.choice(len(names), p=shares / shares.sum()))] if noise_col else None
         if noise_col:
             r[noise_col] = None if i % 41 == 7 else label
@@ -179,6 +181,9 @@ def make_output(out: Path, rows: int = 120, rows_per_shard: int = 50, recipe: Li
             _, a, b = NOISE_TYPES[label]
             web_scores["itm"] = float(np.float32(lrng.beta(a, b)))
         r["synthetic_captions"] = syn
+        if r["caption"] is not None:  # a word count stands in for the tokenizer's count ([CLS] + words + [SEP])
+            r["web_text_tokens"] = len(r["caption"].split()) + 2
+            r["web_text_truncated"] = r["web_text_tokens"] > config.score.max_text_tokens
         for s in scorers:
             r[f"synthetic_{s}"] = syn_scores[s].tolist()
             r[f"web_{s}"] = web_scores[s]

@@ -410,16 +410,46 @@ def test_chunked_body(server):
     assert r.status == schema.SUCCESS and r.data == HOPPER
 
 
-def test_gzip_body_is_decoded_and_capped_after_decoding(server):
+def test_a_content_encoding_we_did_not_ask_for_is_not_decoded(server):
     import gzip
 
-    _raw_route(server, "/gz", 200, [b"Content-Encoding: gzip"], gzip.compress(HOPPER))
+    # a server that gzips despite Accept-Encoding: identity: the body stays the bytes on the wire
+    wire = gzip.compress(HOPPER)
+    _raw_route(server, "/gz", 200, [b"Content-Type: image/jpeg", b"Content-Encoding: gzip"], wire)
     r = fetch(server.url("gz"), cfg())
-    assert r.status == schema.SUCCESS and r.data == HOPPER
-    bomb = gzip.compress(b"\0" * 20_000_000)  # 20 kB on the wire, 20 MB decoded
-    _raw_route(server, "/gzbomb", 200, [b"Content-Encoding: gzip"], bomb)
-    r = fetch(server.url("gzbomb"), cfg(max_bytes=1_000_000))
-    assert (r.status, r.error_message) == (schema.TOO_LARGE, "body is over the limit of 1,000,000 bytes")
+    assert r.status == schema.SUCCESS and r.data == wire
+    # ... which must then decode as an image: it does not, and the row fails cleanly
+    from capfilt.stages.download import DownloadStage
+
+    row = DownloadStage(cfg()).process_url(server.url("gz"))
+    assert (row.status, row.error_message) == (
+        schema.FAILED_TO_DOWNLOAD,
+        "not an image (gzip data: a Content-Encoding capfilt does not decode, served as image/jpeg)")
+
+
+def test_gzip_bomb_costs_its_wire_size_in_memory_not_its_decoded_size(server):
+    """64 MB of zeros gzip to ~64 kB. The limit (max_bytes, 128 MB) would allow the decoded body, so
+    only not decoding keeps memory down: the old fetch (decode_content=True) held all 64 MB."""
+    import gzip
+    import tracemalloc
+
+    decoded = 64 * 1024 * 1024
+    bomb = gzip.compress(b"\0" * decoded, compresslevel=6)
+    assert len(bomb) < decoded // 500
+    _raw_route(server, "/gzbomb", 200, [b"Content-Type: image/jpeg", b"Content-Encoding: gzip"], bomb)
+    from capfilt.stages.download import DownloadStage
+
+    stage = DownloadStage(cfg(max_bytes=128 * 1024 * 1024))
+    stage.setup()
+    tracemalloc.start()
+    try:
+        row = stage.process_url(server.url("gzbomb"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"gzip bomb: {len(bomb):,} bytes on the wire, {decoded:,} decoded; peak traced memory {peak:,} bytes")
+    assert peak < 8 * 1024 * 1024  # a few copies of the wire bytes, far below the 64 MB decoded size
+    assert row.status == schema.FAILED_TO_DOWNLOAD and "gzip data" in row.error_message
 
 
 def test_redirect_location_sent_as_raw_utf8(server):
@@ -553,3 +583,40 @@ def test_shorten_is_the_one_message_cutter():
     assert shorten("abcdefg", 6, "...") == "abc..."
     assert shorten("abcdefg", 6, "") == "abcdef"
     assert one_line("a\n  b\tc ") == "a b c"
+
+
+def test_a_5mb_url_never_reaches_the_server_and_no_message_echoes_it(server, connections):
+    from capfilt.errors import ROW_MESSAGE_CHARS
+
+    path = "/huge-" + "a" * 5_000_000
+    before = dict(server.hits)
+    r = fetch(server.base + path, cfg())
+    assert r.status == schema.INVALID_URL and r.tries == 0
+    assert r.error_message.startswith(f"URL is {len(server.base + path):,} characters long, over the limit of 8,192")
+    assert len(r.error_message) <= ROW_MESSAGE_CHARS
+    assert server.hits == before and connections == []  # not one connection, let alone a request
+    # the limit is on the cleaned URL too: 3,000 spaces become 9,000 characters of %20
+    r = fetch(server.url("sp" + " " * 3000 + ".jpg"), cfg())
+    assert r.status == schema.INVALID_URL and "once percent-encoded" in r.error_message
+    assert server.hits == before and connections == []
+    # a URL just under the limit is requested as usual
+    from capfilt.io.fetch import MAX_URL_CHARS
+
+    ok = server.url("pillow_hopper.jpg") + "?" + "q" * (MAX_URL_CHARS - len(server.url("pillow_hopper.jpg")) - 1)
+    assert len(ok) == MAX_URL_CHARS and fetch(ok, cfg()).status == schema.SUCCESS
+
+
+def test_every_row_message_is_capped_even_when_it_quotes_the_input(server):
+    """A 7,000-character host name that does not resolve: the resolver's message names the host."""
+    from capfilt.errors import ROW_MESSAGE_CHARS
+    from capfilt.stages.download import DownloadStage
+    import pyarrow as pa
+
+    host = "a" * 7000 + ".invalid"
+    r = fetch(f"http://{host}/x.jpg", cfg(retries=0))
+    assert r.status == schema.FAILED_TO_DOWNLOAD and r.error_message.startswith("cannot resolve host aaaa")
+    assert len(r.error_message) == ROW_MESSAGE_CHARS and r.error_message.endswith("...")
+    out = DownloadStage(cfg(retries=0))(pa.table({"url": [f"http://{host}/x.jpg", "http://x/" + "b" * 5_000_000]}))
+    messages = out.column("error_message").to_pylist()
+    assert out.column("status").to_pylist() == [schema.FAILED_TO_DOWNLOAD, schema.INVALID_URL]
+    assert all(len(m) <= ROW_MESSAGE_CHARS for m in messages), [len(m) for m in messages]

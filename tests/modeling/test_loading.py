@@ -117,3 +117,45 @@ def test_preflight_clip_needed_but_preset_has_none():
         preflight(preset, {"filter", "clip"})
     with pytest.raises(ValueError, match="unknown model role"):
         preflight(preset, {"scorer"})
+
+
+def test_resolved_commits_name_the_cached_snapshot_a_run_loads(tmp_path):
+    """Presets name Hub ids without a revision; the commit really used is the HF cache's snapshot
+    folder name (issue 10 item 17: recorded, not pinned)."""
+    from capfilt.modeling.loading import resolved_commits
+
+    sha, old = "a" * 40, "b" * 40
+    repo = tmp_path / "models--Salesforce--blip-itm-large-coco"
+    for s in (sha, old):
+        (repo / "snapshots" / s).mkdir(parents=True)
+        (repo / "snapshots" / s / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    preset = load_preset("blip-large")
+    got = resolved_commits(preset, {"filter", "captioner"}, cache_dir=tmp_path)
+    assert got["filter"] == {"id": "Salesforce/blip-itm-large-coco", "revision": None, "source": "hub", "commit": sha}
+    assert got["captioner"]["commit"] is None and got["captioner"]["source"] == "hub"  # not cached: unknown
+    assert "clip" not in got
+    # a revision that names a commit is that commit; a branch resolves through the cache's refs
+    pinned = ModelPreset(name="p", captioner=ModelSpec(id="Salesforce/blip-itm-large-coco", revision=old),
+                         filter=ModelSpec(id="Salesforce/blip-itm-large-coco", revision="main"))
+    got = resolved_commits(pinned, cache_dir=tmp_path)
+    assert got["captioner"]["commit"] == old and got["filter"]["commit"] == sha
+    # local folders and the tiny build are not Hub models
+    tiny = resolved_commits(load_preset("tiny"), {"filter"})
+    assert tiny["filter"]["source"] == "local" and tiny["filter"]["commit"] is None
+    assert tiny["filter"]["path"].endswith("tiny-blip-itm")
+
+
+def test_model_presets_do_not_claim_pins_they_do_not_have():
+    """No invented revisions: a preset revision, where set, is a 40-hex commit."""
+    import re
+
+    from capfilt.config import bundled_dir
+
+    for path in sorted((bundled_dir("models")).glob("*.yaml")):
+        preset = load_preset(str(path))
+        for role in ModelPreset.roles():
+            spec = getattr(preset, role)
+            if spec is not None and spec.revision is not None:
+                assert re.fullmatch(r"[0-9a-f]{40}", spec.revision), (path.name, role, spec.revision)

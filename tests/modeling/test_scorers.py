@@ -52,6 +52,7 @@ def test_itm_equals_direct_transformers_call(blip_scorer, images):
     results = blip_scorer.score(images, TEXTS)
     for image, texts, res in zip(images, TEXTS, results):
         inputs = proc(images=[image] * len(texts), text=texts, return_tensors="pt", padding=True)
+        inputs["input_ids"][:, 0] = blip_scorer.itm_prefix_id  # [ENC]: the tiny tokenizer has it (BLIP's ITM input)
         with torch.no_grad():
             direct = torch.softmax(model(**inputs).itm_score, dim=-1)[:, 1].numpy()
         assert res.itm.dtype == np.float32 and res.itm.shape == (len(texts),)
@@ -61,7 +62,8 @@ def test_itm_equals_direct_transformers_call(blip_scorer, images):
 def test_optimized_equals_naive_per_pair_forward_tiny(blip_scorer, images):
     results = blip_scorer.score(images, TEXTS)
     for image, texts, res in zip(images, TEXTS, results):
-        naive = np.array([naive_scores(blip_scorer.model, blip_scorer.processor, image, t) for t in texts])
+        naive = np.array([naive_scores(blip_scorer.model, blip_scorer.processor, image, t,
+                                       itm_prefix_id=blip_scorer.itm_prefix_id) for t in texts])
         np.testing.assert_allclose(res.itm, naive[:, 0], atol=1e-4, rtol=0)
         np.testing.assert_allclose(res.itc, naive[:, 1], atol=1e-4, rtol=0)
         assert np.all((res.itm >= 0) & (res.itm <= 1)) and np.all(np.abs(res.itc) <= 1 + 1e-6)
@@ -75,7 +77,7 @@ def test_optimized_equals_naive_blip_base_sized(images):
     scorer = BlipScorer(model, proc)
     texts = [TEXTS[0]]
     res = scorer.score(images[:1], texts)[0]
-    naive = np.array([naive_scores(model, proc, images[0], t) for t in texts[0]])
+    naive = np.array([naive_scores(model, proc, images[0], t, itm_prefix_id=scorer.itm_prefix_id) for t in texts[0]])
     np.testing.assert_allclose(res.itm, naive[:, 0], atol=1e-4, rtol=0)
     np.testing.assert_allclose(res.itc, naive[:, 1], atol=1e-4, rtol=0)
     wrong = scorer.score(images[1:2], texts)[0]

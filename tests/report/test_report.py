@@ -224,3 +224,22 @@ def test_most_frequent_texts_found_in_a_second_pass(tmp_path, monkeypatch):
     top = data["captions"]["synthetic"]["most_frequent"]
     assert len(top) == 15 and all(m["text"] for m in top)
     assert top[0]["text"] in html
+
+
+def test_web_captions_longer_than_the_filter_reads_are_counted_in_report_and_inspect(tmp_path):
+    """Issue 10 item 13: the fixture's 1-in-29 five-fold alt texts exceed the 35 tokens ITM/ITC read."""
+    out = make_output(tmp_path / "out", rows=120, rows_per_shard=40, seed=5)
+    t = pa.concat_tables([pq.read_table(p, columns=["web_text_truncated"]) for p in sorted(out.glob("*.parquet"))])
+    n_long = int(pa.compute.sum(t["web_text_truncated"].cast(pa.int64())).as_py())
+    measured = len(t) - t["web_text_truncated"].null_count
+    assert n_long >= 2
+    data, html = _report(out, tmp_path)
+    assert data["filter"]["web_text_truncated"] == {"measured": measured, "truncated": n_long, "max_text_tokens": 35}
+    line = (f"{n_long:,} of {measured:,} web captions ({n_long / measured:.1%}) were longer than the filter reads "
+            f"(35 tokens) and were judged on their first 35 tokens")
+    assert line in html
+    con = Console(record=True, width=160)
+    inspect_output(out, con)
+    text = con.export_text()
+    assert "web captions truncated" in text and f"{n_long:,} of {measured:,}" in text
+    assert "judged on their first 35 tokens" in text

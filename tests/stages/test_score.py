@@ -113,3 +113,34 @@ def test_only_requested_scorers_and_clip_needs_a_clip_model():
     no_clip = load_preset("tiny").model_copy(update={"clip": None})
     with pytest.raises(ModelLoadError, match="no clip model"):
         ScoreStage(ScoreConfig(scorers=["clip"]), no_clip).setup()
+
+
+def test_a_long_web_caption_is_recorded_as_judged_on_its_prefix(stage):
+    """ITM/ITC read the first 35 tokens; a 160-word web caption is scored on that prefix and kept whole,
+    so the row says so (issue 10 item 13), and the shard stats count it."""
+    out = stage(_batch())
+    tok = stage.scorers[0].processor.tokenizer
+    tokens = out.column("web_text_tokens").to_pylist()
+    truncated = out.column("web_text_truncated").to_pylist()
+    assert out.schema.field("web_text_tokens").type == pa.int32()
+    long_count = len(tok(WEB[5]).input_ids)
+    assert long_count > 35 and tokens[5] == long_count and truncated[5] is True
+    assert tokens[0] == len(tok(WEB[0]).input_ids) <= 35 and truncated[0] is False
+    assert out.column("status").to_pylist()[4] == FAILED_TO_SCORE
+    # no web caption (null, blank), or not scored: null
+    assert [tokens[i] for i in (1, 3, 4)] == [None, None, None] and [truncated[i] for i in (1, 3, 4)] == [None] * 3
+    assert tokens[2] is not None and truncated[2] is False
+    assert ScoreStage.stats(out)["web_texts_truncated"] == 1
+    # the scores of the long caption are those of its first 35 tokens
+    prefix = tok.decode(tok(WEB[5]).input_ids[1:34])
+    again = stage(_batch().set_column(1, "caption", pa.array(WEB[:5] + [prefix])))
+    assert again.column("web_itm").to_pylist()[5] == pytest.approx(out.column("web_itm").to_pylist()[5], abs=1e-5)
+    assert again.column("web_text_truncated").to_pylist()[5] is False
+
+
+def test_length_fields_are_declared_in_the_output_schema():
+    from capfilt.stages.registry import output_schema
+
+    names = output_schema(scorers=["itm", "itc"]).names
+    assert names.index("web_itc") < names.index("web_text_tokens") < names.index("web_text_truncated") < names.index("captions")
+    assert "web_text_tokens" not in output_schema(scorers=[]).names  # the download recipe scores nothing

@@ -58,3 +58,30 @@ def test_missing_scores_never_pass_and_download_recipe_keeps_web_caption():
     out = SelectStage(SelectConfig(itm_threshold=None))(b)
     assert out.column("captions").to_pylist() == [["only web"]]
     assert out.column("caption_scores").to_pylist() == [[None]]
+
+
+def test_duplicate_candidates_count_once_so_top2_keeps_the_web_caption():
+    """Two samples of the same caption (differing in case, spacing and a final period) must not fill
+    BLIP-2's top 2: the old selection kept ["a red circle", "A red  circle."] and dropped the web text."""
+    b = pa.table({
+        "status": ["success"],
+        "caption": ["a red circle on grey"],
+        "synthetic_captions": [["a red circle", "A red  circle.", "a blue square"]],
+        "web_clip": pa.array([0.30], pa.float32()),
+        "synthetic_clip": pa.array([[0.35, 0.34, 0.10]], pa.list_(pa.float32())),
+    })
+    out = SelectStage(SelectConfig(itm_threshold=None, rank_by="clip", top_k=2))(b)
+    assert out.column("captions").to_pylist() == [["a red circle", "a red circle on grey"]]
+    assert out.column("caption_sources").to_pylist() == [["synthetic", "web"]]
+    assert out.column("caption_scores").to_pylist()[0] == pytest.approx([0.35, 0.30])
+    # the setting is recorded in the recipe; off, the old behaviour comes back
+    off = SelectStage(SelectConfig(itm_threshold=None, rank_by="clip", top_k=2, dedup_texts=False))(b)
+    assert off.column("captions").to_pylist() == [["a red circle", "A red  circle."]]
+
+
+def test_normalize_text():
+    from capfilt.stages.select import normalize_text
+
+    assert normalize_text("  A  Dog\tRuns!! ") == "a dog runs"
+    assert normalize_text("a dog runs") == normalize_text("A dog runs.")
+    assert normalize_text("a dog, runs") != normalize_text("a dog runs")

@@ -190,3 +190,98 @@ def test_collator_masks_prompt_and_padding_like_blip():
     assert b["lm_labels"][0, prompt_len] == tok("a dog").input_ids[1]  # first caption token is a target
     assert (b["lm_labels"][b["lm_attention_mask"] == 0] == -100).all()
     assert b["lm_input_ids"].shape[1] == 12  # truncated to max_tokens
+
+
+@pytest.mark.parametrize("prefix", ["enc", "cls"])
+def test_itm_objective_uses_the_recipes_text_prefix_and_the_saved_filter_records_it(prefix, tmp_path):
+    """Train and inference agree: the ITM objective's texts start with the chosen token (ITC's with
+    [CLS]), the saved filter's capfilt.json records it, and capfilt run's scorer (auto) follows it."""
+    from capfilt.config import ModelPreset, ModelSpec
+    from capfilt.modeling.blip_scorer import BlipScorer
+    from capfilt.modeling.record import read_model_record
+    from capfilt.train.data import CapfiltShards, ImageTransform, StreamingDataset
+
+    overrides = [f"model.itm_text_prefix={prefix}", "train.max_steps=2", "data.num_workers=0", "train.save_every=null"]
+    recipe = load_recipe("tiny-itm-coco", overrides)
+    task = build_task(recipe).train()
+    tok = task._processor.tokenizer
+    want = tok.convert_tokens_to_ids("[ENC]") if prefix == "enc" else tok.cls_token_id
+    assert (task.itm_text_prefix, task.itm_prefix_id) == (prefix, want)
+    out = tmp_path / "shards"
+    make_shards(out)
+    it = StreamingDataset(CapfiltShards(str(out)), ImageTransform(task.image_processor), text_top_k=2).iter_consumer(0, 1)
+    seen = []  # (with image?, first tokens) of every text-encoder call
+
+    def hook(module, args, kwargs):
+        seen.append((kwargs.get("encoder_hidden_states") is not None, set(kwargs["input_ids"][:, 0].tolist())))
+
+    handle = task.filter.text_encoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        task(task.collator()([next(it) for _ in range(6)]))
+    finally:
+        handle.remove()
+    assert seen == [(False, {tok.cls_token_id}), (True, {want})]  # ITC with [CLS], ITM with the prefix
+    res = train(recipe, COCO_JSON, tmp_path / "run", echo=None)
+    folder = res.final / "filter"
+    assert read_model_record(folder) == {"itm_text_prefix": prefix, "recipe": "tiny-itm-coco"}
+    spec = ModelSpec(id=str(folder), kind="blip")
+    scorer = BlipScorer.from_spec(spec, ModelPreset(name="trained", captioner=spec, filter=spec))
+    assert (scorer.itm_text_prefix, scorer.itm_prefix_id) == (prefix, want)
+
+
+@pytest.mark.parametrize("source", ["captioner", "filter"])
+def test_shared_modules_start_from_the_named_checkpoint_and_the_discarded_weights_are_announced(source, caplog):
+    """blip pre-training shares the image encoder and all text layers but self-attention: they can
+    hold one checkpoint's weights only. The recipe names which; the other's differing weights are
+    discarded with a warning (tiny captioner and filter have different random weights)."""
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from capfilt.modeling.tiny import ensure_tiny_checkpoints
+
+    tiny = ensure_tiny_checkpoints()
+    cap = BlipForConditionalGeneration.from_pretrained(tiny / "tiny-blip-captioner")
+    filt = BlipForImageTextRetrieval.from_pretrained(tiny / "tiny-blip-itm")
+    recipe = load_recipe("tiny-blip-pretrain", [f"model.shared_weights_from={source}"])
+    with caplog.at_level("WARNING", logger="capfilt.train.blip"):
+        task = build_task(recipe)
+    kept, lost = (cap, filt) if source == "captioner" else (filt, cap)
+    other = "filter" if source == "captioner" else "captioner"
+    vis = task.filter.vision_model.state_dict()
+    assert task.captioner.vision_model is task.filter.vision_model
+    assert all(torch.equal(vis[k], v) for k, v in kept.vision_model.state_dict().items())
+    assert any(not torch.equal(vis[k], v) for k, v in lost.vision_model.state_dict().items())
+    kept_ca = (kept.text_decoder.bert if source == "captioner" else kept.text_encoder).encoder.layer[0].crossattention
+    now_ca = task.filter.text_encoder.encoder.layer[0].crossattention
+    assert now_ca is task.captioner.text_decoder.bert.encoder.layer[0].crossattention
+    assert all(torch.equal(now_ca.state_dict()[k], v) for k, v in kept_ca.state_dict().items())
+    # the filter's own self-attention and ITM head are never replaced
+    assert torch.equal(task.filter.itm_head.weight, filt.itm_head.weight)
+    msgs = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(msgs) == 1 and f"the {other}'s own weights" in msgs[0] and "vision_model" in msgs[0]
+    assert f"training starts from the {source}'s (tiny-blip-" in msgs[0]
+    assert task.model_record("filter")["shared_weights_from"] == source
+
+
+def test_no_warning_when_the_shared_weights_already_agree(caplog):
+    """A filter whose shared modules already hold the captioner's weights (e.g. saved by BLIP
+    pre-training itself) loses nothing: no warning."""
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
+
+    from capfilt.modeling.tiny import ensure_tiny_checkpoints
+    from capfilt.train.blip import BlipTask
+
+    tiny = ensure_tiny_checkpoints()
+    cap = BlipForConditionalGeneration.from_pretrained(tiny / "tiny-blip-captioner")
+    filt = BlipForImageTextRetrieval.from_pretrained(tiny / "tiny-blip-itm")
+    proc = BlipProcessor.from_pretrained(tiny / "tiny-blip-itm")
+    recipe = load_recipe("tiny-blip-pretrain")
+    with torch.no_grad():  # make the filter's shared modules equal to the captioner's
+        filt.vision_model.load_state_dict(cap.vision_model.state_dict())
+        filt.text_encoder.embeddings.load_state_dict(cap.text_decoder.bert.embeddings.state_dict())
+        for le, ld in zip(filt.text_encoder.encoder.layer, cap.text_decoder.bert.encoder.layer):
+            for name in ("crossattention", "intermediate", "output"):
+                getattr(le, name).load_state_dict(getattr(ld, name).state_dict())
+    with caplog.at_level("WARNING", logger="capfilt.train.blip"):
+        task = BlipTask(cap, proc, filt, proc, ("itc", "itm", "lm"), recipe.loss, recipe.data)
+    assert task.discarded == {"modules": [], "tensors": 0, "parameters": 0}
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

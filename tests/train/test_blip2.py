@@ -166,3 +166,40 @@ def test_stage2_collator_places_queries_then_text_then_eos():
     n0 = int(mask[0].sum())
     assert ids[0, n0 - 1] == tok.eos_token_id and labels[0, n0 - 1] == tok.eos_token_id
     assert (labels[0, n0:] == -100).all() and tok.decode(ids[0, 5:n0 - 1]).strip() == "a dog"
+
+
+def test_stage2_ends_texts_with_the_token_generation_stops_on_when_the_tokenizers_eos_differs(shards, tmp_path):
+    """HF's OPT BLIP-2 checkpoints stop generating on "\\n" while the OPT tokenizer's EOS is </s>
+    (LAVIS trains with a "\\n" suffix). A tiny BLIP-2 set up the same way: the trainer appends "\\n"
+    (not </s>), the saved captioner still stops on it, and its capfilt.json says so."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from capfilt.modeling.record import read_model_record
+    from capfilt.modeling.tiny import ensure_tiny_checkpoints
+
+    src = ensure_tiny_checkpoints() / "tiny-blip2-captioner"
+    model, proc = Blip2ForConditionalGeneration.from_pretrained(src), Blip2Processor.from_pretrained(src)
+    tok = proc.tokenizer
+    newline = tok("\n", add_special_tokens=False).input_ids[0]
+    assert newline != tok.eos_token_id
+    model.config.text_config.eos_token_id = newline
+    model.generation_config.eos_token_id = newline
+    ckpt = tmp_path / "blip2-stops-on-newline"
+    model.save_pretrained(ckpt)
+    proc.save_pretrained(ckpt)
+
+    recipe = load_recipe("tiny-blip2-stage2", [f"model.blip2={ckpt}", "train.max_steps=2", "data.num_workers=0",
+                                               "train.save_every=null"])
+    task = build_task(recipe)
+    assert task.eos_token_id == newline
+    samples = [{"pixel_values": torch.zeros(3, 224, 224), "text": t, "group": 0, "key": "k", "consumer": 0,
+                "position": 0, "epoch": 0} for t in ["a dog", "a cat on a sofa"]]
+    b = task.collator()(samples)
+    for row in range(2):
+        n = int(b["attention_mask"][row].sum())
+        assert b["input_ids"][row, n - 1] == newline and b["labels"][row, n - 1] == newline
+        assert tok.eos_token_id not in b["labels"][row, :n].tolist()[1:]
+    res = train(recipe, str(shards), tmp_path / "out", echo=None)
+    saved = Blip2ForConditionalGeneration.from_pretrained(res.final / "captioner")
+    assert saved.generation_config.eos_token_id == newline
+    assert read_model_record(res.final / "captioner") == {"eos_token_id": newline, "eos_token": "Ċ"}

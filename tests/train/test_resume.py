@@ -9,7 +9,7 @@ import torch
 
 from capfilt.config import ConfigError
 from capfilt.train.config import load_recipe
-from capfilt.train.loop import STATE_FILE, latest_checkpoint, train
+from capfilt.train.loop import STATE_FILE, CheckpointError, latest_checkpoint, load_trainer_state, train
 from tests.helpers.train import make_shards, one_torch_thread  # noqa: F401 (autouse fixture)
 
 # 30 steps of the full BLIP recipe (ITM negatives are sampled: the RNG state must be restored too),
@@ -35,7 +35,7 @@ def test_stop_at_20_and_resume_matches_uninterrupted_run(shards, tmp_path):
     full = train(recipe, str(shards), tmp_path / "full", echo=None)
     part = train(recipe, str(shards), tmp_path / "resumed", stop_after=20, echo=None)
     assert part.step == 20 and part.final is None and part.checkpoint.name == "step-00000020"
-    state = torch.load(part.checkpoint / STATE_FILE, weights_only=False)
+    state = load_trainer_state(part.checkpoint / STATE_FILE)  # the safe loader reads a real checkpoint
     assert state["step"] == 20 and state["batches"] == [40] and sorted(state["positions"]) == [0, 1, 2]
     rest = train(recipe, str(shards), tmp_path / "resumed", echo=None)
     assert rest.resumed_from == 20 and rest.step == 30 and [r["step"] for r in rest.history] == list(range(21, 31))
@@ -69,3 +69,36 @@ def test_running_again_after_the_end_does_nothing_and_another_recipe_is_refused(
         train(other, data, tmp_path, echo=None)
     fresh = train(other, data, tmp_path, overwrite=True, echo=None)
     assert fresh.resumed_from is None and fresh.step == 3
+
+
+class _Payload:
+    """Unpickling this runs ``os.system(touch MARKER)``: what a hostile trainer_state.pt would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_and_runs_no_code(tmp_path):
+    recipe = load_recipe("tiny-caption-coco", ["train.max_steps=3", "data.num_workers=0", "train.save_every=2"])
+    from tests.helpers.train import COCO
+
+    data = str(COCO / "captions_val2017.json")
+    out = tmp_path / "out"
+    first = train(recipe, data, out, stop_after=2, echo=None)
+    assert first.step == 2
+    state_file = latest_checkpoint(out) / STATE_FILE
+    state = load_trainer_state(state_file)
+    marker = tmp_path / "pwned"
+    state["fingerprint_extra"] = _Payload(marker)  # an attacker with write access to the output folder
+    torch.save(state, state_file)
+    with pytest.raises(CheckpointError, match=r"refusing to load trainer checkpoint .*step-00000002.*trainer_state\.pt"):
+        train(recipe, data, out, echo=None)
+    assert not marker.exists()
+    # the old loader would have run the payload: show that the file really is hostile
+    torch.load(state_file, weights_only=False)
+    assert marker.exists()
