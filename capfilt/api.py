@@ -103,17 +103,23 @@ def run(opts: RunOptions) -> RunResult:
     out = locate(opts.output)
     check_overlap(opts.inputs, out)
     src = inspect_source(cfg, opts.inputs)
+    resolved: dict[str, Any] = {}
     if preset is not None:
-        from capfilt.modeling.loading import preflight
+        from capfilt.modeling.loading import preflight, resolved_commits
 
         preflight(preset, model_roles(cfg))
+        resolved = {"models": resolved_commits(preset, model_roles(cfg))}
+        if "filter" in model_roles(cfg) and "itm" in cfg.score.scorers:
+            from capfilt.modeling.blip_scorer import resolve_filter_itm_prefix
+
+            resolved["itm_text_prefix"] = resolve_filter_itm_prefix(preset.filter, preset, cfg.score.itm_text_prefix)
     ident = identity(cfg, preset, [locate(i).uri for i in opts.inputs], src.files, fingerprints(src))
     check_not_file(out)
     if _executor(opts, cfg) == "ray":  # start (or join) Ray before the output folder is touched
         init_ray(opts.ray_address)
     with OutputLease(out):
         try:
-            return _run_leased(opts, cfg, preset, out, src, ident, t0)
+            return _run_leased(opts, cfg, preset, out, src, ident, t0, resolved)
         except CapfiltError:
             raise
         except Exception as e:  # a full disk, a read-only folder, an object store that says 403
@@ -126,8 +132,12 @@ def run(opts: RunOptions) -> RunResult:
 
 
 def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | None, out: Location, src: Source,
-                ident: dict, t0: float) -> RunResult:
-    """The part of :func:`run` that touches the output folder, under its lease."""
+                ident: dict, t0: float, resolved: dict[str, Any]) -> RunResult:
+    """The part of :func:`run` that touches the output folder, under its lease.
+
+    ``resolved``: what the models resolved to (``models``: commit per role; ``itm_text_prefix``),
+    recorded in ``run.json``.
+    """
     previous, parts = prepare_output(out, ident, opts.overwrite)
     if reconcile_parts(out, run_id_of(previous), known_stages()):  # stale siblings of an earlier attempt
         parts = scan_output(out)[0]
@@ -145,6 +155,8 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
 
     # 3. record the start, stream the shards, record the end
     record = start_record(out, run_id, ident, cfg, preset, opts.inputs, src.files, total_rows, previous, len(parts))
+    if resolved:
+        record = record.model_copy(update={"resolved": resolved})
     write_run_record(out, record)
     t_exec = time.time()
     table = specs_table(specs)

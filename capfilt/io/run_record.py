@@ -67,6 +67,9 @@ class RunRecord(BaseModel):
         totals: counters summed over the committed shards' stats (set at the end).
         timings: ``wall_seconds`` (all attempts), ``last_attempt_seconds``, ``stage_seconds``.
         stages: per-stage throughput (``rows``, ``seconds``, ``rows_per_s``...).
+        resolved: what the preset's models resolved to on this machine: ``models`` (per role: id,
+            revision, ``source`` hub|local, the Hub ``commit`` of the cached snapshot or the local
+            ``path``) and ``itm_text_prefix`` (the ITM text token the filter is fed).
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -86,6 +89,7 @@ class RunRecord(BaseModel):
     totals: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
     stages: dict[str, Any] | None = None
+    resolved: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record as written to ``run.json``: the fields that were set, then unknown keys."""
