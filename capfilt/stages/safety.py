@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from capfilt.schema import NSFW, SAFETY_FIELDS, SUCCESS
-from capfilt.stages.base import Stage, column_or_nulls, set_column, set_field
+from capfilt.stages.base import Stage, column_or_nulls, require_package, set_column, set_field
 
 if TYPE_CHECKING:
     from capfilt.config import PipelineConfig, SafetyConfig
@@ -48,13 +48,7 @@ class SafetyStage(Stage):
         Raises:
             ConfigError: ``nudenet`` is not installed.
         """
-        import importlib.util
-
-        if importlib.util.find_spec("nudenet") is None:
-            from capfilt.config import ConfigError
-
-            raise ConfigError("safety.enabled needs the nudenet package (its ONNX detector ships inside it): "
-                              "pip install 'capfilt[filters]'")
+        require_package("nudenet", "safety.enabled (its ONNX detector ships inside it)")
         return cls(cfg.safety)
 
     def setup(self) -> None:

@@ -121,34 +121,6 @@ def test_url_hash_list_blocks_by_url():
     assert stage.match(url + "x", b"", None) is None
 
 
-def test_decontamination_flags_exactly_the_eval_images_copies(tmp_path):
-    """10 of the 79 COCO photos are the eval set; the input holds resized/re-encoded copies of them
-    among the other 69 photos: all 10 copies are flagged, no other row is."""
-    eval_dir = tmp_path / "coco-test"
-    eval_dir.mkdir()
-    for p in COCO[:10]:
-        (eval_dir / p.name).write_bytes(p.read_bytes())
-    served = {}
-    for i, p in enumerate(COCO):
-        im = Image.open(p)
-        served[f"p{i}.jpg"] = _jpeg(im, size=200 + 7 * (i % 10), quality=60 + 3 * (i % 10)) if i < 10 else p.read_bytes()
-    srv = ImageServer()
-    for name, body in served.items():
-        srv.add_route(f"/{name}", lambda req, body=body: srv._send(req, 200, body, "image/jpeg"))
-    with srv:
-        urls = [srv.url(n) for n in served]
-        pq.write_table(pa.table({"url": urls, "caption": ["c"] * len(urls)}), tmp_path / "in.parquet")
-        res = run(RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "out"), pipeline="download",
-                             executor="local", progress=False,
-                             overrides={"download.allow_private_network": True, "decontam.enabled": True,
-                                        "decontam.eval_sets": [str(eval_dir)]}))
-    rows = {r["url"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
-    flagged = [u for u in urls if rows[u]["status"] == "contaminated"]
-    assert flagged == urls[:10] and res.totals["contaminated"] == 10
-    assert all(rows[u]["status"] == "success" for u in urls[10:])
-    assert rows[urls[3]]["error_message"].startswith(f"copy of evaluation image coco-test/{COCO[3].name} (cosine ")
-
-
 def _served_run(tmp_path, bodies: dict[str, bytes], overrides: dict) -> dict[str, dict]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     srv = ImageServer()
@@ -162,6 +134,25 @@ def _served_run(tmp_path, bodies: dict[str, bytes], overrides: dict) -> dict[str
                        overrides={"download.allow_private_network": True, **overrides}))
     rows = {r["url"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     return {n: rows[u] for n, u in zip(bodies, urls)}
+
+
+def test_decontamination_flags_exactly_the_eval_images_copies(tmp_path):
+    """10 of the 79 COCO photos are the eval set; the input holds resized/re-encoded copies of them
+    among the other 69 photos: all 10 copies are flagged, no other row is."""
+    eval_dir = tmp_path / "coco-test"
+    eval_dir.mkdir()
+    for p in COCO[:10]:
+        (eval_dir / p.name).write_bytes(p.read_bytes())
+    served = {}
+    for i, p in enumerate(COCO):
+        im = Image.open(p)
+        served[f"p{i}.jpg"] = _jpeg(im, size=200 + 7 * (i % 10), quality=60 + 3 * (i % 10)) if i < 10 else p.read_bytes()
+    rows = _served_run(tmp_path, served, {"decontam.enabled": True, "decontam.eval_sets": [str(eval_dir)]})
+    names = list(served)
+    flagged = [n for n in names if rows[n]["status"] == "contaminated"]
+    assert flagged == names[:10]
+    assert all(rows[n]["status"] == "success" for n in names[10:])
+    assert rows[names[3]]["error_message"].startswith(f"copy of evaluation image coco-test/{COCO[3].name} (cosine ")
 
 
 def test_nsfw_detector_flags_none_of_the_bundled_photos(tmp_path):
@@ -192,3 +183,11 @@ def test_nsfw_path_end_to_end_with_a_detector_class_as_the_positive(tmp_path):
     assert all(rows[n]["image"] is None and rows[n]["error_message"].startswith("NSFW detector: FACE_")
                for n in flagged)
     assert all(r["image"] and r["status"] == "success" for n, r in rows.items() if n not in flagged)
+
+
+def test_a_missing_filter_package_is_named_before_work():
+    from capfilt.stages.base import require_package
+
+    with pytest.raises(ConfigError, match=r"langid.enabled needs the no-such-pkg-xyz package: pip install 'capfilt\[filters\]'"):
+        require_package("no_such_pkg_xyz", "langid.enabled")
+    require_package("pyarrow", "anything")  # installed: no error
