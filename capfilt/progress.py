@@ -37,9 +37,9 @@ def _duration(s: float) -> str:
 
 def rate_text(rows: float, seconds: float) -> str:
     """``rows / seconds`` with enough digits that a slow run never shows ``0.0`` (e.g. ``0.012 rows/s``)."""
-    from capfilt.summary import rate
+    from capfilt.summary import format_rate
 
-    return f"{rate(rows / seconds if seconds > 0 else 0.0)} rows/s"
+    return f"{format_rate(rows / seconds if seconds > 0 else 0.0)} rows/s"
 
 
 class RunProgress:

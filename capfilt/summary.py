@@ -20,7 +20,7 @@ def print_summary(result, con: Console | None = None) -> None:
     tk = t.get("texts_kept", {})
     table.add_row("texts kept (web / synthetic)", f"{tk.get('web', 0):,} / {tk.get('synthetic', 0):,}")
     for stage, tp in t.get("throughput", {}).items():
-        rate = ", ".join(f"{rate(v)} {k.replace('_per_s', '')}/s" for k, v in tp.items() if k.endswith("_per_s"))
+        rate = ", ".join(f"{format_rate(v)} {k.replace('_per_s', '')}/s" for k, v in tp.items() if k.endswith("_per_s"))
         table.add_row(f"{stage} throughput", rate)
     table.add_row("shard parts written / already done", f"{result.parts_written} / {result.parts_skipped}")
     table.add_row("output", str(result.output))
@@ -28,7 +28,7 @@ def print_summary(result, con: Console | None = None) -> None:
     con.print(table)
 
 
-def rate(v: float) -> str:
+def format_rate(v: float) -> str:
     """A per-second rate with enough digits that a slow stage never reads ``0.00`` (``0.0042``)."""
     if v == 0:
         return "0"
