@@ -165,7 +165,8 @@ def list_shards(out: Location, recursive: bool = False) -> tuple[list[ShardListi
     for path, size in files.items():
         if not path.endswith(".parquet"):
             continue
-        rel = posixpath.relpath(path, out.path)
+        base = out.path.rstrip("/") + "/"
+        rel = path[len(base):] if path.startswith(base) else posixpath.basename(path)  # no cwd (S3 keys)
         if any(part.startswith(("_", ".")) for part in rel.split("/")):
             continue
         stats = next((c for c in stats_candidates(out.path, rel) if c in files), None)
