@@ -128,7 +128,6 @@ def test_a_lease_left_by_a_dead_process_or_a_stale_heartbeat_is_taken_over(serve
         _run([inp], out)
 
 
-@pytest.mark.slow
 def test_two_concurrent_capfilt_runs_on_one_output(tmp_path):
     n = 60
     with photo_server(PHOTOS, delay=0.1) as srv:

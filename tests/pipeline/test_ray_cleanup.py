@@ -39,8 +39,7 @@ def _left_over(before: set[int], within: float = 10.0) -> set[int]:
         time.sleep(0.25)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stop", ["finish", "SIGTERM"])
+@pytest.mark.parametrize("stop", [pytest.param("finish", marks=pytest.mark.slow), "SIGTERM"])
 def test_no_ray_worker_outlives_the_run(tmp_path, stop):
     n = 12 if stop == "finish" else 200
     with photo_server(PHOTOS, delay=0.0 if stop == "finish" else 0.2) as srv:

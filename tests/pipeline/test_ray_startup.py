@@ -38,7 +38,6 @@ def test_ray_that_never_starts_ends_in_one_paragraph_and_leaves_the_output_alone
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # nothing written, no lease, no _capfilt
 
 
-@pytest.mark.slow
 def test_ray_start_up_that_fails_once_is_retried_and_the_run_completes(tmp_path):
     r = _run(tmp_path, failures=1, out=tmp_path / "out")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -112,7 +112,6 @@ def test_killed_actor_and_task_workers_are_retried_without_loss_or_duplicates(tm
     assert not list((tmp_path / "out" / "_capfilt").glob("tmp/*.parquet"))
 
 
-@pytest.mark.slow
 def test_killed_dedup_caption_and_write_workers_keep_every_key_once_and_no_self_duplicates(tmp_path):
     """Issue 10: kill a Ray worker inside dedup, caption and write; the run and a rerun of the same
     command give every key once, one kept copy per distinct image, no row a duplicate of itself."""
