@@ -1,4 +1,5 @@
-"""Cost per image of the curation-filter stages on the 79 bundled COCO photos (one thread, CPU).
+"""Cost per image of the curation-filter stages on the 79 bundled COCO photos (CPU; numpy/faiss on
+one thread, onnxruntime with its default threads).
 
 Runs each stage (as the pipeline builds it) on one batch of the stored images of a download run:
 blocklist (PDQ hash of every image against a 1,000-entry list), decontam (perceptual embedding +
@@ -74,7 +75,7 @@ def main() -> None:
                   "safety (NudeNet ONNX)": SafetyStage(SafetyConfig(enabled=True))}
         decode = _time(lambda b: [Image.open(io.BytesIO(x)).convert("RGB") for x in b.column("image").to_pylist()],
                        batch, args.repeats)
-        print(f"{len(COCO)} COCO photos ({COCO[0].name}...), median of {args.repeats} runs, one thread")
+        print(f"{len(COCO)} COCO photos ({COCO[0].name}...), median of {args.repeats} runs")
         print(f"  JPEG decode alone: {decode:.2f} ms/image")
         costs = {}
         for name, stage in stages.items():

@@ -24,12 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.config import InputConfig
-from capfilt.io.reader import inspect_inputs, read_rows
-from capfilt.stages.read import ReadStage, ShardSpec, specs_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from capfilt.config import InputConfig  # noqa: E402
+from capfilt.io.reader import inspect_inputs, read_rows  # noqa: E402
+from capfilt.stages.read import ReadStage, ShardSpec, specs_table  # noqa: E402
 
 
 def build(path: Path, rows: int) -> None:
