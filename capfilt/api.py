@@ -185,8 +185,9 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     record = record.finished(totals, len(written), wall, exec_seconds, len(keys), len(set(keys)))
     write_run_record(out, record)
     if record.status != "complete":
-        raise OutputError(f"run finished with {len(set(keys))} of {total_rows} input rows written "
-                          f"({len(keys) - len(set(keys))} written twice); rerun the same command to complete it")
+        twice = len(keys) - len(set(keys))
+        raise OutputError(f"run finished with {len(set(keys))} of {total_rows} input rows written"
+                          + (f" ({twice} written twice)" if twice else "") + "; rerun the same command to complete it")
     return RunResult(out.uri, run_id, record, totals, wall, len(written), skipped, resumed)
 
 
