@@ -332,17 +332,21 @@ def test_request_headers(server):
     assert seen["accept-encoding"] == "identity"
 
 
-def test_spaces_and_non_ascii_reach_the_server_percent_encoded(server):
-    got = []
-
-    def record(req):
-        got.append(req.path)
+def _hopper_recording(paths: list[str]):
+    """A route that appends the request path it sees to ``paths`` and answers with the Hopper JPEG."""
+    def answer(req):
+        paths.append(req.path)
         req.send_response(200)
         req.send_header("Content-Length", str(len(HOPPER)))
         req.end_headers()
         req.wfile.write(HOPPER)
 
-    server.add_route("/a b©.jpg", record)  # routes match the unquoted path
+    return answer
+
+
+def test_spaces_and_non_ascii_reach_the_server_percent_encoded(server):
+    got: list[str] = []
+    server.add_route("/a b©.jpg", _hopper_recording(got))  # routes match the unquoted path
     r = fetch(f"  {server.base}/a b©.jpg?x=1&amp;y=2  ", cfg())
     assert r.status == schema.SUCCESS
     assert got == ["/a%20b%C2%A9.jpg?x=1&amp;y=2"]
@@ -453,16 +457,8 @@ def test_gzip_bomb_costs_its_wire_size_in_memory_not_its_decoded_size(server):
 
 
 def test_redirect_location_sent_as_raw_utf8(server):
-    seen = []
-
-    def target(req):
-        seen.append(req.path)
-        req.send_response(200)
-        req.send_header("Content-Length", str(len(HOPPER)))
-        req.end_headers()
-        req.wfile.write(HOPPER)
-
-    server.add_route("/café.jpg", target)
+    seen: list[str] = []
+    server.add_route("/café.jpg", _hopper_recording(seen))
     _raw_route(server, "/utf8-location", 302, ["Location: /café.jpg".encode()])
     r = fetch(server.url("utf8-location"), cfg())
     assert r.status == schema.SUCCESS and r.data == HOPPER
