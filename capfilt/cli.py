@@ -77,7 +77,7 @@ def run(
                                              ".tsv .jsonl .txt; local or s3://, gs://. Repeat for several.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder (local or object storage).")],
     pipeline: Annotated[str, typer.Option(help="Recipe name (blip, blip2, download, refilter) or YAML path.")] = "blip",
-    models: Annotated[Optional[str], typer.Option(help="Model preset (blip-large, blip-base, blip2, tiny) or "
+    models: Annotated[Optional[str], typer.Option(help="Model preset (blip-large, blip-base, blip2, tiny, shapes) or "
                                                   "YAML path; default: the recipe's.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe value: "
                                                       "section.key=value, e.g. caption.num_captions=10.")] = None,
@@ -111,7 +111,8 @@ def run(
     ray_address: Annotated[Optional[str], typer.Option(help="Join a Ray cluster (e.g. auto); default: "
                                                        "RAY_ADDRESS or a local Ray.")] = None,
     executor: Annotated[str, typer.Option(help="ray | local (in-process) | auto")] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Delete an existing output of a different run first.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete what capfilt wrote in the output (any earlier run, same "
+                                            "settings or not) and start again; other files are kept.")] = False,
     progress: Annotated[bool, typer.Option(help="Show Ray's progress bars (a terminal); capfilt's progress lines "
                                            "are logged either way.")] = True,
     progress_every: Annotated[float, typer.Option(help="Seconds between capfilt's progress lines (rows done / "
@@ -128,8 +129,11 @@ def run(
 
     # --set values are YAML, except that text fields keep the text as typed (parse_override);
     # named flags are typed by typer and go to the recipe as they are, never through YAML
-    overrides: dict[str, Any] = {".".join(path): value
-                                 for path, value in (parse_override(s, PipelineConfig) for s in set_ or [])}
+    try:
+        overrides: dict[str, Any] = {".".join(path): value
+                                     for path, value in (parse_override(s, PipelineConfig) for s in set_ or [])}
+    except CapfiltError as e:  # a malformed --set (no '=', empty key): one line, exit 2
+        _fail(e)
     flags = {"input.url_col": url_col, "input.caption_col": caption_col,
              "input.input_format": None if input_format is None else input_format.value,
              "input.csv_header": None if csv_header is None else {"auto": "auto", "true": True,
@@ -152,9 +156,9 @@ def run(
         result = api_run(opts)
     except CapfiltError as e:
         _fail(e)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         err_console.print("[yellow]interrupted[/]: committed shards are kept; rerun the same command to resume.")
-        raise typer.Exit(130)
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130)  # 128 + SIGTERM / SIGINT
     finally:
         signal.signal(signal.SIGTERM, previous)
         from capfilt.runner import shutdown_local_ray
@@ -176,9 +180,13 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so the same clean-up runs; exit code 143."""
+
+
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
     """SIGTERM (``kill``, a scheduler's stop) ends a run like Ctrl-C: record kept, workers stopped."""
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 @app.command()

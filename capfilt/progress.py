@@ -95,6 +95,8 @@ class RunProgress:
             out = f"progress: {done:,} / {self.total:,} rows{pct} in {self.parts} parts, {rate_text(self.rows, elapsed)}"
             if self.rows and self.total > done:
                 out += f", ETA {_duration((self.total - done) * elapsed / self.rows)}"
+            elif done >= self.total:
+                out += ", nothing left to do" if not self.rows else ""
             elif not self.rows:
                 out += f", running for {_duration(elapsed)} (the first part is not committed yet)"
             n_failed = sum(self.failed.values())

@@ -374,9 +374,12 @@ def inspect_inputs(inputs: list[str], cfg: InputConfig) -> list[InputFile]:
             url_col, caption_col = _headerless_columns(names, {n: _head(loc, table, n, 1) for n in names}, cfg)
         if url_col is None:
             flag = f"--url-col {cfg.url_col!r} was not found" if cfg.url_col is not None else "no URL column found"
+            headerless = (" If the file has no header row (its first line is data), add --csv-header false, "
+                          "else that line is taken as column names and lost."
+                          if fmt in ("csv", "tsv") and has_header and cfg.csv_header == "auto" else "")
             raise InputError(f"{loc.uri}: {flag}. Its columns are: {', '.join(names) or '(none)'}. "
                              f"Name the URL column with --url-col NAME or --url-col POSITION (0-based), and the "
-                             f"caption with --caption-col likewise.")
+                             f"caption with --caption-col likewise.{headerless}")
         for role, col in (("URL", url_col), ("caption", caption_col)):
             typ = schema.field(col).type if col else pa.string()
             if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ)

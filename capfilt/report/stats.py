@@ -25,7 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from capfilt import schema
+from capfilt.errors import OutputError
 from capfilt.io.filesystem import Location, locate
+from capfilt.io.writer import META_DIR
 from capfilt.report.accumulate import Moments, Reservoir, ScoreHist, TextStats, TopK
 from capfilt.report.filters import FilterStats
 from capfilt.report.labels import LabelScores, check_label_column, label_report, label_scorer, split_values
@@ -381,6 +383,14 @@ def _label_setup(loc: Location, shards: list[ShardFile], label_col: str) -> str 
     return None
 
 
+def _foreign_names(loc: Location) -> list[str]:
+    """Names at the top of ``loc`` that a capfilt output would not hold (sorted)."""
+    import pyarrow.fs as pafs
+
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
+    return sorted(n for n in (i.path.rsplit("/", 1)[-1] for i in infos) if n not in (META_DIR, "_stats"))
+
+
 def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, borderline: int = 8,
                         label_col: str | None = None, label_positive: Sequence[str] | None = None) -> ReportData:
     """Compute every number of the report by streaming the complete shards of a capfilt output.
@@ -404,14 +414,19 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
         ``samples``, ``borderline``.
 
     Raises:
-        OutputError: if ``out`` is not a folder. Unreadable shards and a missing or partial
-        ``run.json`` are reported in ``warnings`` instead.
+        OutputError: if ``out`` is not a folder, or holds other files but neither a run record nor
+        a Parquet shard (not a capfilt output: nothing is written into it). Unreadable shards and a missing or
+        partial ``run.json`` are reported in ``warnings`` instead.
         LabelError: if ``label_col`` is not a column of the output, the output has no web scores,
             or no label value is positive.
     """
     loc = locate(out) if isinstance(out, str) else out
     shards = find_shards(loc)
     record, warnings = read_run_record(loc)
+    if record is None and not shards and _foreign_names(loc):  # never write into someone else's folder
+        raise OutputError(f"{loc.uri} is not a capfilt output: it has no {META_DIR}/run.json and no Parquet "
+                          f"shards, but other files ({', '.join(_foreign_names(loc)[:3])}). Give the --output "
+                          f"folder of a `capfilt run`.")
     complete = [s for s in shards if s.complete]
     incomplete = [s.name for s in shards if not s.complete]
     if incomplete:

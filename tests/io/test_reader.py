@@ -180,3 +180,17 @@ def test_an_image_given_as_input_is_named_as_an_image(tmp_path):
     (tmp_path / "photo.JPG").write_bytes(b"\xff\xd8\xff\xe0 not really")
     with pytest.raises(InputError, match=r"photo.JPG is an image, but --input takes metadata.*file:// URLs"):
         inspect_inputs([str(tmp_path / "photo.JPG")], InputConfig())
+
+
+def test_no_url_column_in_an_auto_header_text_file_suggests_csv_header_false(tmp_path):
+    """A headerless TSV whose first line has no http(s) URL is read as having a header; the message
+    must say how to keep that first line as data (found by a fresh-clone trial)."""
+    from capfilt.config import InputConfig
+    from capfilt.errors import InputError
+    from capfilt.io.reader import inspect_inputs
+
+    (tmp_path / "x.tsv").write_text("not a url\tftp://example.com/x.jpg\na cat\thttp://h/a.jpg\n")
+    with pytest.raises(InputError, match=r"no URL column found.*--csv-header false"):
+        inspect_inputs([str(tmp_path / "x.tsv")], InputConfig())
+    files = inspect_inputs([str(tmp_path / "x.tsv")], InputConfig(csv_header=False, url_col=1, caption_col=0))
+    assert files[0].num_rows == 2

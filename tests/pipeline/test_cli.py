@@ -132,3 +132,15 @@ def test_help_shows_no_type_after_flags(cmd):
     r = CliRunner().invoke(app, [*cmd, "--help"], env={"COLUMNS": "160"})
     assert r.exit_code == 0 and "--help" in r.output
     assert "<bool>" not in r.output
+
+
+@pytest.mark.parametrize("bad", ["langid.enabled", "=1"])
+def test_a_malformed_set_is_one_line_exit_2(tmp_path, bad):
+    """Found by a fresh-clone trial: `--set langid.enabled` (no value) printed a 42-line traceback."""
+    from typer.testing import CliRunner
+
+    from capfilt.cli import app
+
+    r = CliRunner().invoke(app, ["run", "-i", str(tmp_path / "x.csv"), "-o", str(tmp_path / "o"), "--set", bad])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "section.key=value" in r.output or "empty key" in r.output

@@ -62,7 +62,7 @@ def test_no_ray_worker_outlives_the_run(tmp_path, stop):
     if stop == "finish":
         assert proc.returncode == 0, err[-2000:]
     else:
-        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+        assert proc.returncode == 143 and "interrupted" in err and "Traceback" not in err, err[-2000:]
         assert json.loads((out / "_capfilt" / "run.json").read_text())["status"] == "interrupted"
     assert _left_over(before) == set()
     assert not (out / "_capfilt" / "lease.json").exists()

@@ -247,3 +247,16 @@ def test_web_captions_longer_than_the_filter_reads_are_counted_in_report_and_ins
     text = con.export_text()
     assert "web captions truncated" in text and f"{n_long:,} of {measured:,}" in text
     assert "judged on their first 35 tokens" in text
+
+
+def test_a_folder_that_is_not_an_output_is_refused_and_left_untouched(tmp_path):
+    """Found by a fresh-clone trial: `capfilt report www` wrote report files into a folder of images."""
+    from capfilt.errors import OutputError
+    from capfilt.report import build_report
+
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    with pytest.raises(OutputError, match="is not a capfilt output"):
+        build_report(www, html=www / "_capfilt" / "report.html", json_path=www / "_capfilt" / "report.json")
+    assert sorted(p.name for p in www.iterdir()) == ["a.jpg"]
