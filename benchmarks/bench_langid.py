@@ -37,6 +37,7 @@ LABELS = ROOT / "benchmarks" / "data" / "langid_hand_labels.tsv"
 
 
 def main() -> None:
+    """Detect the language of ``--rows`` LAION captions, print cost and distribution, score the hand labels."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--sample-out", type=Path)

@@ -18,6 +18,7 @@ def _summary(result) -> Table:
         table.add_column(col, justify="right" if col in ("rows in", "written") else "left")
 
     def why(filtered: dict) -> str:
+        """``{reason: rows}`` as ``"not_kept:below_threshold 12, no_image:failed_to_download 3"`` (``-``: none)."""
         return ", ".join(f"{k} {v:,}" for k, v in filtered.items()) or "-"
 
     for s in result.shards:

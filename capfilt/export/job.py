@@ -212,6 +212,7 @@ def _writer(src: Source, part: SourcePart, fmt: str, all_rows: bool):
     default_ext = src.encode_format
 
     def write(stream) -> dict:
+        """Write the shard into the open output ``stream``; returns its counts (rows in, written, filtered)."""
         if fmt == "webdataset":
             return webdataset.write_tar(iter_batches(src, part), stream, all_rows, default_ext)
         return hf.write_parquet(iter_batches(src, part), stream, schema_of(src, part), all_rows, default_ext)

@@ -200,7 +200,7 @@ class OutputLease:
         if _read(self.location) == raw:
             try:
                 self.out.fs.delete_file(self.location.path)
-            except (FileNotFoundError, OSError):
+            except (FileNotFoundError, OSError):  # already gone, or taken over meanwhile: nothing to undo
                 pass
 
     def _beat(self) -> None:
@@ -230,7 +230,7 @@ class OutputLease:
         if ours:
             try:
                 self.out.fs.delete_file(self.location.path)
-            except OSError:
+            except OSError:  # best effort: a leftover lease is taken over when its pid/heartbeat is dead
                 pass
 
     def __enter__(self) -> OutputLease:

@@ -466,6 +466,7 @@ def read_rows(f: InputFile, start: int, stop: int, skip: frozenset[int] = frozen
         InputError: the file changed since it was inspected (fewer rows than planned).
     """
     def cached(key: tuple, load):
+        """``load()``, kept in the run's cache under ``key`` when there is one (no cache: always load)."""
         return cache.get(key, load) if cache is not None else load()
 
     if f.format == "parquet":

@@ -74,7 +74,7 @@ def write_bytes(loc: Location, data: bytes) -> None:
     except OSError:  # a full disk: do not leave the half-written temporary behind
         try:
             loc.fs.delete_file(tmp)
-        except OSError:
+        except OSError:  # best effort: scan_output deletes capfilt temp files on the next resume
             pass
         raise
 

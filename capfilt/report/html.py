@@ -545,6 +545,7 @@ Array.prototype.forEach.call(body.rows,function(r){r.style.display=r.textContent
 def _sample_table(samples: list[dict[str, Any]]) -> str:
     """The sampled rows as a sortable, filterable table (no network; one inline script)."""
     def num(v: float | None) -> str:
+        """A numeric cell: 3 decimals shown, the full value in ``data-v`` for sorting (empty for None)."""
         return '<td class="n"></td>' if v is None else f'<td class="n" data-v="{v:.6f}">{v:.3f}</td>'
 
     body = []
