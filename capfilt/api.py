@@ -27,9 +27,9 @@ from capfilt.plan import Source, fingerprints, inspect_source, plan_shards
 from capfilt.progress import RunProgress
 from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray
 from capfilt.stages.base import RunContext
-from capfilt.stages.read import specs_table
+from capfilt.stages.read import specs_table, stream_blocks
 from capfilt.stages.registry import build_stages, known_stages, model_roles, output_schema, totals_from_stats
-from capfilt.stages.write import reconcile_parts
+from capfilt.stages.write import flush_staging, reconcile_parts
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +139,18 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     recorded in ``run.json``.
     """
     previous, parts = prepare_output(out, ident, opts.overwrite)
-    if reconcile_parts(out, run_id_of(previous), known_stages()):  # stale siblings of an earlier attempt
+    run_id = run_id_of(previous)
+    schema = output_schema(src.passthrough, src.scorers, run_id)
+    compression = None if cfg.output.compression == "none" else cfg.output.compression
+    flushed = flush_staging(out, schema, run_id, known_stages(), compression)  # blocks staged before a crash
+    if reconcile_parts(out, run_id, known_stages()) or flushed:  # stale siblings of an earlier attempt
         parts = scan_output(out)[0]
     resumed = bool(parts)
 
     # 2. plan what is left and build the stages
-    run_id = run_id_of(previous)
     specs, skipped, total_rows = plan_shards(cfg, src, committed_keys(out, parts))
     ctx = RunContext(out.uri, run_id, preset, src.files, src.old.uri if src.old else None,
-                     tuple(p.parquet for p in parts), output_schema(src.passthrough, src.scorers, run_id))
+                     tuple(p.parquet for p in parts), schema)
     plans = [StagePlan(stage, res) for stage, res in build_stages(cfg, ctx)]
     executor = _executor(opts, cfg)
     if executor == "ray":  # refuse impossible resources before anything is written
@@ -159,18 +162,22 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
         record = record.model_copy(update={"resolved": resolved})
     write_run_record(out, record)
     t_exec = time.time()
-    table = specs_table(specs)
+    # under Ray a shard streams through the stages in blocks of block_rows and is committed whole
+    table = specs_table(stream_blocks(specs, block_rows(cfg)) if executor == "ray" else specs)
     try:
         stream = run_ray(table, plans, opts.ray_address, opts.progress) if executor == "ray" else run_local(table, plans)
-        written = []
+        written: dict[str, dict] = {}  # by part name: two blocks finishing a shard at once both commit it
         done_rows = total_rows - sum(s.pending for s in specs)
         with RunProgress(total_rows, done_rows, opts.progress_every) as progress:
             for batch in stream:
                 for s in batch.column("stats").to_pylist():
-                    written.append(json.loads(s))
-                    progress.add(written[-1])
+                    st = json.loads(s)
+                    if st["name"] not in written:
+                        written[st["name"]] = st
+                        progress.add(st)
         log.info(progress.line())
         exec_seconds = time.time() - t_exec
+        flush_staging(out, schema, run_id, known_stages(), compression)  # a shard whose blocks never all arrived
         reconcile_parts(out, run_id, known_stages())
         parts = scan_output(out)[0]
         totals = totals_from_stats([p.stats for p in parts])
@@ -189,6 +196,12 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
         raise OutputError(f"run finished with {len(set(keys))} of {total_rows} input rows written"
                           + (f" ({twice} written twice)" if twice else "") + "; rerun the same command to complete it")
     return RunResult(out.uri, run_id, record, totals, wall, len(written), skipped, resumed)
+
+
+def block_rows(cfg: PipelineConfig) -> int:
+    """Rows per streaming block of this recipe (:meth:`capfilt.config.OutputConfig.resolved_block_rows`)."""
+    models = [s for s in (cfg.caption, cfg.score) if s.enabled]
+    return cfg.output.resolved_block_rows(bool(models), max((s.batch_size for s in models), default=1))
 
 
 def _executor(opts: RunOptions, cfg: PipelineConfig) -> str:

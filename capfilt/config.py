@@ -317,10 +317,37 @@ class SafetyConfig(Strict):
 
 
 class OutputConfig(Strict):
-    """Shard layout. ``rows_per_shard`` input rows go to one shard (img2dataset's number_sample_per_shard)."""
+    """Shard layout and streaming unit.
+
+    ``rows_per_shard`` input rows go to one shard (img2dataset's number_sample_per_shard): the unit
+    that is committed. ``block_rows`` is the unit that streams through the stages under Ray: a
+    shard's rows travel as blocks of that many rows, so download, caption and score overlap
+    within a shard, and the writer commits the shard whole once all its blocks arrived (blocks
+    wait in ``_capfilt/staging/`` until then; see :mod:`capfilt.stages.write`). ``auto``: 64 rows
+    (at least twice the largest model batch) when a model stage runs, else whole shards (a
+    download-only run overlaps across shards already and saves the staging copy).
+    """
 
     rows_per_shard: int = Field(1000, ge=1)
+    block_rows: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+    def resolved_block_rows(self, models: bool, model_batch: int = 1) -> int:
+        """Rows per streaming block: ``block_rows``, or for ``auto`` the rule above.
+
+        Args:
+            models: a caption or score stage runs.
+            model_batch: the largest model micro-batch (rows).
+        """
+        if self.block_rows != "auto":
+            return min(self.block_rows, self.rows_per_shard)
+        if not models:
+            return self.rows_per_shard
+        return min(self.rows_per_shard, max(AUTO_BLOCK_ROWS, 2 * model_batch))
+
+
+#: Rows per streaming block for ``output.block_rows: auto`` when a model stage runs.
+AUTO_BLOCK_ROWS = 64
 
 
 #: An actor or task count: an int >= 1.
@@ -334,7 +361,9 @@ class StageResources(Strict):
     lets capfilt size it to the cluster (see :mod:`capfilt.runner`). ``num_gpus: auto`` (the
     captioner's and scorer's default) means 0.5 GPU when the Ray cluster has GPUs, so the two
     model stages share a device, and none on a CPU-only cluster: the same command runs on a
-    laptop and on a GPU cluster.
+    laptop and on a GPU cluster. ``threads`` is the torch thread count of an actor-pool stage's
+    actors (Ray sets ``OMP_NUM_THREADS=1`` for fractional CPUs, so without it a model computes
+    on one core); ``auto`` is :func:`capfilt.runner.actor_threads`'s rule.
     """
 
     @field_validator("num_gpus")
@@ -347,6 +376,7 @@ class StageResources(Strict):
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float | Literal["auto"] = 0.0
     concurrency: PositiveCount | tuple[PositiveCount, PositiveCount] | None = None
+    threads: PositiveCount | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> "StageResources":
@@ -356,7 +386,13 @@ class StageResources(Strict):
 
 
 class ResourcesConfig(Strict):
-    """Resources for each stage; fractional CPUs keep 2-core machines from deadlocking."""
+    """Resources for each stage; fractional CPUs keep 2-core machines from deadlocking.
+
+    ``fused``: caption and score run in one actor (``caption_score``, :mod:`capfilt.stages.fused`)
+    instead of two pools: one model process and one GPU share, each image decoded once.
+    """
+
+    fused: bool = False
 
     read: StageResources = StageResources(num_cpus=0.25)
     download: StageResources = StageResources(num_cpus=0.5)
@@ -367,6 +403,7 @@ class ResourcesConfig(Strict):
     dedup: StageResources = StageResources(num_cpus=0.25)
     caption: StageResources = StageResources(num_cpus=0.5, num_gpus="auto")
     score: StageResources = StageResources(num_cpus=0.5, num_gpus="auto")
+    caption_score: StageResources = StageResources(num_cpus=1.0, num_gpus="auto")
     select: StageResources = StageResources(num_cpus=0.25)
     write: StageResources = StageResources(num_cpus=0.25)
 

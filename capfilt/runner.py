@@ -3,10 +3,12 @@
 :func:`run_ray` maps each stage onto Ray Data ``map_batches`` by its declared
 :data:`capfilt.stages.base.Shape`: ``actor_pool`` stages become actor pools (one model load per
 actor), ``single_actor`` one actor, the others plain tasks, each with the CPUs/GPUs and
-concurrency of its :class:`capfilt.config.StageResources`. One input block is one shard spec; a
-``fanout`` stage takes one spec at a time and every other stage a whole block
-(``batch_size=None``; model stages micro-batch inside), so a shard streams through the pipeline as
-one unit and the ``sink`` commits it. Nothing here knows a stage by name.
+concurrency of its :class:`capfilt.config.StageResources`. One input block is one spec: a whole
+shard, or one streaming block of it (``output.block_rows`` rows, :func:`capfilt.stages.read.stream_blocks`);
+a ``fanout`` stage takes one spec at a time and every other stage a whole block
+(``batch_size=None``; model stages micro-batch inside), so download, caption and score overlap on
+the blocks of one shard and the ``sink`` commits the shard whole when its last block arrives.
+Model actors get torch threads by :func:`actor_threads`. Nothing here knows a stage by name.
 
 :func:`run_local` runs the same stages in this process, shard after shard: for model-free recipes
 (``refilter``) and debugging.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -60,15 +63,57 @@ def run_local(specs: pa.Table, plans: list[StagePlan]) -> Iterator[pa.Table]:
         yield t
 
 
-def _actor_class(stage: Stage) -> type:
+def set_torch_threads(threads: int) -> int:
+    """Give torch (and OpenMP/MKL in this process) ``threads`` intra-op threads; return the count.
+
+    Ray starts a worker of a fractional-CPU actor with ``OMP_NUM_THREADS=1``, and torch reads it
+    at import: without this call a model actor computes on one core whatever the machine has.
+    Does nothing (returns 0) when torch is not installed.
+    """
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for libraries that read it later (onnxruntime)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency; a stage without models needs none
+        return 0
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def actor_threads(plan: StagePlan, plans: list[StagePlan], node_cpus: int) -> int:
+    """Torch threads of one actor of ``plan``'s stage: ``resources.threads``, or the ``auto`` rule.
+
+    ``auto``: the node's cores shared among the actor pools that run at the same time, in
+    proportion to their ``num_cpus``, rounded, never fewer than the CPUs Ray reserves for the
+    actor (rounded up) nor than 1. On a 2-core laptop the captioner and the scorer (0.5 CPU each)
+    get one core each, which they use concurrently because blocks stream (``output.block_rows``);
+    a model running alone gets every core.
+
+    Args:
+        plan: the actor-pool stage and its resources.
+        plans: every stage of the run (the other actor pools share the node).
+        node_cpus: cores of the node (of the largest node on a cluster).
+    """
+    r = plan.resources
+    if r.threads != "auto":
+        return int(r.threads)
+    pools = [p for p in plans if p.stage.shape == "actor_pool"]
+    weight = sum(max(p.resources.num_cpus, 1e-3) * _min_workers(p.resources) for p in pools) or 1.0
+    share = node_cpus * max(r.num_cpus, 1e-3) / weight
+    return max(1, math.ceil(r.num_cpus), int(round(share)))
+
+
+def _actor_class(stage: Stage, threads: int | None = None) -> type:
     """A Ray Data actor class for ``stage``: set up once per actor, then called per block.
 
     The stage travels inside the class definition rather than as a constructor argument in the
     object store, so restarted actors (Ray restarts dead actors by default) can always rebuild it.
+    ``threads``: torch threads of the actor (:func:`set_torch_threads`), set before ``setup``.
     """
 
     class _ActorStage:
         def __init__(self):
+            if threads:
+                set_torch_threads(threads)
             self.stage = stage
             self.stage.setup()
 
@@ -355,16 +400,19 @@ def _pool_size(r: StageResources, cluster: dict, single: bool = False) -> tuple[
     return 1, 1
 
 
-AUTO_GPU_SHARE = 0.5  # num_gpus "auto" on a GPU cluster: two model stages share one device
+AUTO_GPU_SHARE = 0.5  # num_gpus "auto" on a GPU cluster: two model stages share one device (one alone: all)
 
 
 def resolve_auto(plans: list[StagePlan], cluster: dict) -> list[StagePlan]:
-    """Plans with ``num_gpus: auto`` made concrete: :data:`AUTO_GPU_SHARE` if the cluster has GPUs, else 0."""
+    """Plans with ``num_gpus: auto`` made concrete: on a cluster with GPUs :data:`AUTO_GPU_SHARE` each
+    when several stages say ``auto`` (caption and score share a device), 1 when one does (the
+    fused caption_score stage); 0 without GPUs."""
     gpus = cluster.get("GPU", 0.0)
+    n_auto = sum(1 for p in plans if p.resources.num_gpus == "auto")
     out = []
     for p in plans:
         if p.resources.num_gpus == "auto":
-            share = AUTO_GPU_SHARE if gpus > 0 else 0.0
+            share = (AUTO_GPU_SHARE if n_auto > 1 else 1.0) if gpus > 0 else 0.0
             p = StagePlan(p.stage, p.resources.model_copy(update={"num_gpus": share}))
         out.append(p)
     return out
@@ -389,7 +437,7 @@ def prepare_ray(plans: list[StagePlan], address: str | None = None) -> list[Stag
 
 
 def map_stages(ds: Any, plans: list[StagePlan], cluster: dict, num_shards: int, env: dict[str, str] | None,
-               actor_pool: type, task_pool: type) -> Any:
+               actor_pool: type, task_pool: type, node_cpus: int | None = None) -> Any:
     """Chain one ``ds.map_batches`` per stage, as each stage's shape and resources ask.
 
     Args:
@@ -399,10 +447,13 @@ def map_stages(ds: Any, plans: list[StagePlan], cluster: dict, num_shards: int, 
         num_shards: shard specs in ``ds``; actor pools never get more actors than that.
         env: environment variables every stage's runtime env must carry (empty: none).
         actor_pool / task_pool: ``ray.data.ActorPoolStrategy`` / ``TaskPoolStrategy`` (or fakes).
+        node_cpus: cores of the largest node, for the actors' torch threads (:func:`actor_threads`);
+            default: the cluster's CPUs.
 
     Returns:
         The dataset after the last stage.
     """
+    node_cpus = max(1, int(node_cpus or cluster.get("CPU", 1)))
     for p in plans:
         r = p.resources
         common: dict[str, Any] = dict(batch_size=1 if p.stage.shape == "fanout" else None, batch_format="pyarrow",
@@ -417,7 +468,9 @@ def map_stages(ds: Any, plans: list[StagePlan], cluster: dict, num_shards: int, 
             lo = min(lo, hi)
             # Ray Data restarts dead actors and retries their tasks by default (max_restarts=-1,
             # max_task_retries=-1); tasks are retried after a lost worker too (max_retries=-1).
-            ds = ds.map_batches(_actor_class(p.stage), compute=actor_pool(min_size=lo, max_size=hi), **common)
+            threads = actor_threads(p, plans, node_cpus) if p.stage.shape == "actor_pool" else None
+            ds = ds.map_batches(_actor_class(p.stage, threads), compute=actor_pool(min_size=lo, max_size=hi),
+                                **common)
         else:
             if r.concurrency is not None:  # a cap on parallel tasks; a [min, max] range caps at max
                 size = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[1]
@@ -434,7 +487,7 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
     """Run the stages as one streaming Ray Data job.
 
     Args:
-        specs: one row per shard (the ``fanout`` stage's input); each becomes one block.
+        specs: one row per shard or streaming block (the ``fanout`` stage's input); each becomes one block.
         plans: stages in order: a ``fanout`` first, a ``sink`` last.
         address: Ray address (``auto``, ``ray://host:10001``) or ``None`` for ``RAY_ADDRESS``/local.
         progress: show Ray Data's progress bars.
@@ -453,7 +506,8 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
         ResourceError: stage resources that the cluster cannot provide (before any work).
     """
     plans = prepare_ray(plans, address)
-    cluster, _nodes = cluster_shapes()
+    cluster, nodes = cluster_shapes()
+    node_cpus = int(max((n.get("CPU", 0.0) for n in nodes), default=cluster.get("CPU", 1.0)) or 1)
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -461,12 +515,13 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
     ctx.enable_progress_bars = progress
     if not progress:  # capfilt's own progress lines replace Ray Data's "Total Progress: 0/?" every 10 s
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ctx.target_max_block_size = 1 << 30  # keep a shard one block (images ~40 KB x rows_per_shard)
+    ctx.target_max_block_size = 1 << 30  # keep a spec one block (images ~40 KB x rows)
     ctx.execution_options.verbose_progress = False
 
     if specs.num_rows == 0:
         return
     # one block per shard spec, built in the driver (no remote metadata tasks)
     ds = ray.data.from_items(specs.to_pylist(), override_num_blocks=specs.num_rows)
-    ds = map_stages(ds, plans, cluster, specs.num_rows, _stage_env(), ActorPoolStrategy, TaskPoolStrategy)
+    ds = map_stages(ds, plans, cluster, specs.num_rows, _stage_env(), ActorPoolStrategy, TaskPoolStrategy,
+                    node_cpus)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

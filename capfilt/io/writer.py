@@ -13,6 +13,13 @@ output folder directly: they skip ``_``-prefixed names. ``<name>`` is ``SSSSS`` 
 ``SSSSS-OOOOOO`` when a part starts at row offset ``O`` of the shard (a resumed partial shard, or
 a block Ray split).
 
+A shard that streams through the stages as several blocks (``output.block_rows``) is committed
+whole all the same: each block is first *staged* as ``OUT/_capfilt/staging/SSSSS/OOOOOO-NNNNNN.parquet``
+(its first row offset and row count; written to a temporary name and moved, like a part), and the
+block that completes the shard gathers the staged blocks into one part and commits it by the
+steps above, then deletes the staging folder. Staged blocks are invisible to readers of the
+output; after a crash the next run turns them into parts before planning (nothing is redone).
+
 On object stores (``s3://``, ``gs://``) there is no rename: pyarrow's ``move`` is a server-side
 copy followed by a delete of the temporary object. A crash between the two leaves a shard object
 without its stats object (plus a temporary object); resume treats both as leftovers, deletes them
@@ -106,6 +113,80 @@ def commit_part(out: Location, name: str, table: pa.Table, stats: dict, compress
     out.fs.move(tmp.path, out.join(f"{name}.parquet").path)
     out.fs.create_dir(out.join(STATS_DIR).path, recursive=True)
     write_bytes(out.join(STATS_DIR, name + STATS_SUFFIX), json.dumps(stats, indent=1).encode())
+
+
+STAGING_DIR = "staging"
+STAGED_RE = re.compile(r"^(\d{6,})-(\d{6,})\.parquet$")
+
+
+def staging_folder(out: Location, shard_id: int) -> Location:
+    """``OUT/_capfilt/staging/SSSSS``: where the streamed blocks of one shard wait for the rest."""
+    return out.join(META_DIR, STAGING_DIR, f"{shard_id:05d}")
+
+
+def stage_block(out: Location, shard_id: int, offset: int, table: pa.Table) -> None:
+    """Stage one streamed block of a shard (uncompressed Parquet, whole or not at all).
+
+    The name holds the block's first row offset and row count, so a block Ray re-executes
+    rewrites the same file and :func:`staged_blocks` counts it once.
+
+    Args:
+        out: the output folder.
+        shard_id: the shard the block belongs to.
+        offset: the block's first row offset within the shard.
+        table: the block's rows with every column, internal ones included.
+    """
+    folder = staging_folder(out, shard_id)
+    tmp = out.join(META_DIR, "tmp", f"staged-{shard_id:05d}-{offset:06d}.{uuid.uuid4().hex}.parquet")
+    out.fs.create_dir(out.join(META_DIR, "tmp").path, recursive=True)
+    out.fs.create_dir(folder.path, recursive=True)
+    with out.fs.open_output_stream(tmp.path) as f:
+        pq.write_table(table, f, compression="none")
+    out.fs.move(tmp.path, folder.join(f"{offset:06d}-{table.num_rows:06d}.parquet").path)
+
+
+def staged_blocks(out: Location, shard_id: int) -> list[tuple[str, int, int]]:
+    """The staged blocks of a shard: ``(path, first row offset, rows)`` sorted by offset."""
+    found = []
+    for path in _files(staging_folder(out, shard_id), False):
+        m = STAGED_RE.match(posixpath.basename(path))
+        if m:
+            found.append((path, int(m.group(1)), int(m.group(2))))
+    return sorted(found, key=lambda b: b[1])
+
+
+def staged_shards(out: Location) -> list[int]:
+    """Shard ids that have a staging folder (blocks of a shard not yet committed)."""
+    root = out.join(META_DIR, STAGING_DIR)
+    if not root.exists():
+        return []
+    infos = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=False))
+    return sorted(int(i.base_name) for i in infos if i.type == pafs.FileType.Directory and i.base_name.isdigit())
+
+
+def read_staged(out: Location, blocks: list[tuple[str, int, int]]) -> pa.Table | None:
+    """The rows of ``blocks`` (from :func:`staged_blocks`) as one table, or ``None`` if one vanished.
+
+    A block vanishes when another writer committed the shard and deleted its staging folder
+    in the meantime.
+    """
+    tables = []
+    for path, _offset, _rows in blocks:
+        try:
+            with out.fs.open_input_file(path) as f:
+                tables.append(pq.read_table(f))
+        except FileNotFoundError:
+            return None
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+def drop_staging(out: Location, shard_id: int) -> None:
+    """Delete a shard's staging folder (after its part was committed); absent is fine."""
+    folder = staging_folder(out, shard_id)
+    try:
+        out.fs.delete_dir(folder.path)
+    except FileNotFoundError:
+        pass
 
 
 @dataclass(frozen=True)

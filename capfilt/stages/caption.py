@@ -52,6 +52,8 @@ class CaptionStage(Stage):
     section: ClassVar[str] = "caption"
     shape: ClassVar[str] = "actor_pool"
     fields: ClassVar[tuple[pa.Field, ...]] = tuple(CAPTION_FIELDS)
+    #: Image bytes -> RGB ``PIL.Image``; the fused stage (:mod:`capfilt.stages.fused`) shares one decode.
+    decode = staticmethod(decode_image)
 
     def __init__(self, cfg: CaptionConfig, preset: ModelPreset):
         self.cfg = cfg
@@ -87,6 +89,11 @@ class CaptionStage(Stage):
                 "captions_per_s": totals["captions_generated"] / seconds, "seconds": seconds}
 
 
+    @classmethod
+    def enabled(cls, cfg: PipelineConfig) -> bool:
+        """``caption.enabled``, unless ``resources.fused`` runs it inside the caption_score stage."""
+        return bool(cfg.caption.enabled and not (cfg.resources.fused and cfg.score.enabled))
+
     def setup(self) -> None:
         """Load the captioner (``kind: blip`` or ``blip2``) on its device.
 
@@ -108,7 +115,7 @@ class CaptionStage(Stage):
 
         def caption(rows: Sequence[int]) -> list[list[str]]:
             """Captions for the given row indices (decoding included, so a bad image fails its row only)."""
-            ims = [decode_image(images[r]) for r in rows]
+            ims = [self.decode(images[r]) for r in rows]
             seeds = [row_seed(self.cfg.seed, str(keys[r])) for r in rows]
             return self.captioner.generate(ims, seeds, decoding)
 

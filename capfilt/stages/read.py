@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from capfilt.io.writer import CommittedPart
 
 SPEC_SCHEMA = pa.schema([("shard_id", pa.int64()), ("file_index", pa.int64()), ("start", pa.int64()),
-                         ("stop", pa.int64()), ("skip", pa.list_(pa.int64())), ("path", pa.string())])
+                         ("stop", pa.int64()), ("skip", pa.list_(pa.int64())), ("path", pa.string()),
+                         ("base", pa.int64()), ("part_rows", pa.int64())])
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class ShardSpec:
     """One output shard: rows ``[start, stop)`` of input file ``file_index``, minus ``skip``.
 
     For ``source: output`` (refilter) ``path`` is the old shard file and the row range is unused.
+    A streaming block of a shard (:func:`stream_blocks`) has ``base``, the shard's first input row
+    (row offsets within the shard count from it), and ``part_rows``, the rows the whole shard
+    still has to produce in this run (the writer commits the shard once that many arrived).
     """
 
     shard_id: int
@@ -41,6 +45,8 @@ class ShardSpec:
     stop: int
     skip: tuple[int, ...] = ()
     path: str | None = None
+    base: int | None = None
+    part_rows: int | None = None
 
     @property
     def pending(self) -> int:
@@ -51,8 +57,37 @@ class ShardSpec:
 def specs_table(specs: list[ShardSpec]) -> pa.Table:
     """Shard specs as a table (the input of the read stage)."""
     return pa.Table.from_pylist([{"shard_id": s.shard_id, "file_index": s.file_index, "start": s.start,
-                                  "stop": s.stop, "skip": list(s.skip), "path": s.path} for s in specs],
+                                  "stop": s.stop, "skip": list(s.skip), "path": s.path, "base": s.base,
+                                  "part_rows": s.part_rows} for s in specs],
                                 schema=SPEC_SCHEMA)
+
+
+def stream_blocks(specs: list[ShardSpec], block_rows: int) -> list[ShardSpec]:
+    """Cut metadata shard specs into streaming blocks of at most ``block_rows`` pending rows.
+
+    A spec with no more pending rows than ``block_rows`` (or a refilter spec) stays whole and is
+    committed directly. Longer ones become consecutive blocks that keep the shard id, carry the
+    shard's first row as ``base`` and its pending rows as ``part_rows``, and together read exactly
+    the spec's pending rows. Blocks keep the shard order, so shards complete (and are committed)
+    one after another as the stream goes.
+
+    Raises:
+        ValueError: ``block_rows`` < 1.
+    """
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    out: list[ShardSpec] = []
+    for s in specs:
+        if s.path is not None or s.pending <= block_rows:
+            out.append(s)
+            continue
+        skip = set(s.skip)
+        rows = [r for r in range(s.start, s.stop) if r not in skip]
+        for i in range(0, len(rows), block_rows):
+            first, last = rows[i], rows[min(i + block_rows, len(rows)) - 1]
+            out.append(ShardSpec(s.shard_id, s.file_index, first, last + 1,
+                                 tuple(r for r in range(first, last + 1) if r in skip), None, s.start, s.pending))
+    return out
 
 
 def plan_metadata_shards(files: list[InputFile], rows_per_shard: int, done_keys: list[str]
@@ -107,6 +142,10 @@ def plan_output_shards(old: Location, old_parts: list[CommittedPart], done_keys:
     return specs, skipped, total_rows
 
 
+#: Internal column of a streaming block's rows: the rows its whole shard produces in this run.
+PART_ROWS = "_part_rows"
+
+
 def _with_position(t: pa.Table, shard_id: int, offsets: pa.Array) -> pa.Table:
     t = t.append_column("_shard", pa.array([shard_id] * t.num_rows, pa.int64()))
     return t.append_column("_offset", offsets)
@@ -116,7 +155,8 @@ class ReadStage(Stage):
     """Read the input rows of each shard spec (metadata input).
 
     Output: ``key``, ``url``, ``caption``, pass-through columns, and internal ``_shard`` /
-    ``_offset`` (row offset within the shard), as :func:`capfilt.io.reader.read_rows` gives them.
+    ``_offset`` (row offset within the shard), as :func:`capfilt.io.reader.read_rows` gives them;
+    a streaming block (:func:`stream_blocks`) also gets :data:`PART_ROWS`.
     """
 
     name: ClassVar[str] = "read"
@@ -150,8 +190,12 @@ class ReadStage(Stage):
         for spec in batch.to_pylist():
             f = self.files[spec["file_index"]]
             t = read_rows(f, spec["start"], spec["stop"], frozenset(spec["skip"] or ()), self._cache)
-            offsets = pa.compute.subtract(t.column("_row"), pa.scalar(spec["start"], pa.int64()))
-            tables.append(_with_position(t.drop_columns(["_row"]), spec["shard_id"], offsets.combine_chunks()))
+            base = spec["start"] if spec.get("base") is None else spec["base"]
+            offsets = pa.compute.subtract(t.column("_row"), pa.scalar(base, pa.int64()))
+            t = _with_position(t.drop_columns(["_row"]), spec["shard_id"], offsets.combine_chunks())
+            if spec.get("part_rows") is not None:  # one streaming block of a longer shard
+                t = t.append_column(PART_ROWS, pa.array([spec["part_rows"]] * t.num_rows, pa.int64()))
+            tables.append(t)
         return pa.concat_tables(tables, promote_options="permissive")
 
 

@@ -27,6 +27,7 @@ from capfilt.stages.blocklist import BlocklistStage
 from capfilt.stages.decontam import DecontamStage
 from capfilt.stages.dedup import DedupStage
 from capfilt.stages.download import DownloadStage
+from capfilt.stages.fused import CaptionScoreStage
 from capfilt.stages.langid import LangIdStage
 from capfilt.stages.read import ReadOutputStage, ReadStage
 from capfilt.stages.safety import SafetyStage
@@ -35,10 +36,11 @@ from capfilt.stages.select import SelectStage
 from capfilt.stages.write import ShardWriter
 
 #: ``source: metadata``: read -> download -> blocklist -> langid -> decontam -> safety -> dedup -> caption
-#: -> score -> select -> write (optional stages run only when their section is enabled).
+#: -> score -> select -> write (optional stages run only when their section is enabled; with
+#: ``resources.fused`` one caption_score actor replaces caption and score).
 METADATA_STAGES: tuple[type[Stage], ...] = (ReadStage, DownloadStage, BlocklistStage, LangIdStage, DecontamStage,
-                                            SafetyStage, DedupStage, CaptionStage, ScoreStage, SelectStage,
-                                            ShardWriter)
+                                            SafetyStage, DedupStage, CaptionStage, ScoreStage, CaptionScoreStage,
+                                            SelectStage, ShardWriter)
 #: ``source: output`` (refilter): read the old shards -> select -> write.
 OUTPUT_STAGES: tuple[type[Stage], ...] = (ReadOutputStage, SelectStage, ShardWriter)
 

@@ -59,6 +59,8 @@ class ScoreStage(Stage):
     name: ClassVar[str] = "score"
     section: ClassVar[str] = "score"
     shape: ClassVar[str] = "actor_pool"
+    #: Image bytes -> RGB ``PIL.Image``; the fused stage (:mod:`capfilt.stages.fused`) shares one decode.
+    decode = staticmethod(decode_image)
 
     def __init__(self, cfg: ScoreConfig, preset: ModelPreset):
         self.cfg = cfg
@@ -99,6 +101,11 @@ class ScoreStage(Stage):
             return None
         return {"texts_per_s": totals["texts_scored"] / seconds,
                 "images_per_s": totals["status"].get(SUCCESS, 0) / seconds, "seconds": seconds}
+
+    @classmethod
+    def enabled(cls, cfg: PipelineConfig) -> bool:
+        """``score.enabled``, unless ``resources.fused`` runs it inside the caption_score stage."""
+        return bool(cfg.score.enabled and not (cfg.resources.fused and cfg.caption.enabled))
 
     def setup(self) -> None:
         """Load the scoring models ``cfg.scorers`` needs.
@@ -165,7 +172,7 @@ class ScoreStage(Stage):
 
         def score(rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
             """Scores for the given row indices, one dict of per-scorer arrays per row."""
-            ims = [decode_image(images[r]) for r in rows]
+            ims = [self.decode(images[r]) for r in rows]
             return self._score(ims, [texts_of(r) for r in rows])
 
         results, errors = run_rows(success_rows(batch), self.cfg.batch_size, score, self.name)

@@ -12,9 +12,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from capfilt.io.filesystem import Location, locate
-from capfilt.io.writer import STATS_DIR, STATS_SUFFIX, commit_part, part_name, scan_output
+from capfilt.io.writer import (STATS_DIR, STATS_SUFFIX, commit_part, drop_staging, part_name, read_staged,
+                               scan_output, stage_block, staged_blocks, staged_shards)
 from capfilt.schema import SCHEMA_VERSION, SUCCESS, conform
 from capfilt.stages.base import RunContext, Stage, column_or_nulls
+from capfilt.stages.read import PART_ROWS
 
 if TYPE_CHECKING:
     from capfilt.config import PipelineConfig
@@ -53,7 +55,11 @@ class ShardWriter(Stage):
     """Write each batch as committed shard part(s); returns one small stats row per part.
 
     Input: the pipeline table with internal ``_shard`` (int64 shard id) and ``_offset`` (int64 row
-    offset within the shard) columns. Rows of one shard are written together; the output table
+    offset within the shard) columns. Rows of one shard are written together. A streaming block of
+    a longer shard (it has ``_part_rows``, the rows its shard produces in this run, and fewer rows
+    than that) is staged (:func:`capfilt.io.writer.stage_block`); the call that stages the last
+    missing block commits the whole shard as one part and returns its stats row, the others
+    return none. The output table
     (:data:`STATS_ROW_SCHEMA`: ``name: string, shard_id: int64, rows: int64, stats: string`` JSON)
     goes back to the driver, which never sees the image bytes.
 
@@ -87,15 +93,102 @@ class ShardWriter(Stage):
         shard_col = batch.column("_shard").to_pylist()
         for shard_id in sorted(set(shard_col)):
             part = batch.filter(pc.equal(batch.column("_shard"), shard_id))
+            if PART_ROWS in part.column_names:
+                expected = int(part.column(PART_ROWS)[0].as_py())
+                if part.num_rows < expected:
+                    part = self._gather(out, shard_id, part, expected)
+                    if part is None:
+                        continue  # the shard still waits for other blocks
             offset = int(pc.min(part.column("_offset")).as_py())
             name = part_name(shard_id, offset)
             st = shard_stats(part, name, shard_id, self.run_id, self.stats_from)
             table = conform(part, self.schema)
             commit_part(out, name, table, st, self.compression)
+            if PART_ROWS in part.column_names:
+                drop_staging(out, shard_id)
             names.append(name), ids.append(shard_id), rows.append(table.num_rows), stats.append(json.dumps(st))
         return pa.Table.from_arrays([pa.array(names, pa.string()), pa.array(ids, pa.int64()),
                                      pa.array(rows, pa.int64()), pa.array(stats, pa.string())],
                                     schema=STATS_ROW_SCHEMA)
+
+
+    @staticmethod
+    def _gather(out: Location, shard_id: int, block: pa.Table, expected: int) -> pa.Table | None:
+        """Stage ``block``; if the shard's staged blocks now hold ``expected`` rows, return them all.
+
+        Returns:
+            The shard's rows sorted by offset (each key once), or ``None`` while blocks are missing
+            (or when another writer committed the shard meanwhile and removed its staging).
+        """
+        stage_block(out, shard_id, int(pc.min(block.column("_offset")).as_py()), block)
+        blocks = staged_blocks(out, shard_id)
+        if sum(rows for _, _, rows in blocks) < expected:
+            return None
+        table = read_staged(out, blocks)
+        if table is None:
+            return None
+        table = _unique_keys(table).sort_by("_offset")
+        return table if table.num_rows >= expected else None
+
+
+def _unique_keys(table: pa.Table) -> pa.Table:
+    """``table`` with each ``key`` once (the first occurrence)."""
+    seen: set[str] = set()
+    take = []
+    for i, k in enumerate(table.column("key").to_pylist()):
+        if k not in seen:
+            seen.add(k)
+            take.append(i)
+    return table if len(take) == table.num_rows else table.take(pa.array(take, pa.int64()))
+
+
+def flush_staging(out: Location, schema: pa.Schema, run_id: str, stats_from: tuple[type[Stage], ...] = (),
+                  compression: str | None = "zstd") -> list[str]:
+    """Commit the staged blocks an interrupted run left (``_capfilt/staging/``) as parts.
+
+    Called before a run plans its shards (so rows staged before a crash are not redone) and after
+    the stream ends. Per shard, staged rows whose key a committed part already holds are dropped
+    (the crash came between committing the shard and deleting its staging), the rest become one
+    part named after their first offset, and the staging folder is deleted.
+
+    Args:
+        out: the output folder.
+        schema: the run's shard schema (:func:`capfilt.stages.registry.output_schema`).
+        run_id: recorded in the parts' statistics.
+        stats_from: stage classes whose :meth:`Stage.stats` go into the statistics.
+        compression: Parquet codec of the parts (``None`` for none).
+
+    Returns:
+        Readable notes, one per shard whose staging was flushed.
+    """
+    import pyarrow.parquet as pq
+
+    shards = staged_shards(out)
+    if not shards:
+        return []
+    parts, _ = scan_output(out)
+    notes = []
+    for shard_id in shards:
+        blocks = staged_blocks(out, shard_id)
+        table = read_staged(out, blocks) if blocks else None
+        committed: set[str] = set()
+        for p in parts:
+            if shard_of(p.name) == shard_id:
+                with out.fs.open_input_file(p.parquet) as f:
+                    committed.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
+        if table is not None and table.num_rows:
+            table = _unique_keys(table)
+            table = table.filter(pa.array([k not in committed for k in table.column("key").to_pylist()]))
+        if table is not None and table.num_rows:
+            table = table.sort_by("_offset")
+            name = part_name(shard_id, int(table.column("_offset")[0].as_py()))
+            st = shard_stats(table, name, shard_id, run_id, stats_from)
+            commit_part(out, name, conform(table, schema), st, compression)
+            notes.append(f"committed {table.num_rows} staged rows of shard {shard_id} as part {name}")
+        drop_staging(out, shard_id)
+    for n in notes:
+        log.warning("%s: %s (left by an interrupted run)", out.uri, n)
+    return notes
 
 
 def shard_of(part: str) -> int:

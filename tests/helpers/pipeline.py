@@ -83,6 +83,13 @@ def record_all(tmp: Path) -> Recorded:
                      schema=output_schema(passthrough_fields(files), rec.scorers, RUN_ID))
     specs, _ = plan_metadata_shards(files, cfg.output.rows_per_shard, [])
     run_recorded(cfg, ctx, specs_table(specs), rec)
+    # the fused caption+score stage (resources.fused) gets what the caption stage got
+    from capfilt.stages.caption import CaptionStage
+    from capfilt.stages.fused import CaptionScoreStage
+
+    fused_cfg = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"fused": True})})
+    rec.stages.setdefault(CaptionScoreStage, CaptionScoreStage.build(fused_cfg, ctx))
+    rec.inputs.setdefault(CaptionScoreStage, rec.inputs[CaptionStage])
 
     refilter = load_pipeline("refilter")
     parts, _ = scan_output(out)

@@ -48,7 +48,7 @@ def _committed(out: Path) -> dict[str, tuple[int, int]]:
 def _cmd(inp: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "capfilt.cli", "run", "--input", str(inp), "--output", str(out),
             "--pipeline", "download", "--allow-private-network", "--rows-per-shard", "40",
-            "--set", "download.thread_count=2", "--no-progress"]
+            "--set", "download.thread_count=2", "--set", "output.block_rows=10", "--no-progress"]
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from tests.helpers.httpserver import ImageServer, photo_server
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "coco" / "images").glob("*.jpg"))[:8]
 ROWS, PER_SHARD = 48, 4
+BLOCK = 2  # rows per streaming block: a shard arrives at the writer in two blocks (issue 15)
 CAPTION_BUSY = "ray::MapWorker(MapBatches(CaptionActor)).submit"
 CAPTION_ANY = "ray::MapWorker(MapBatches(CaptionActor))"
 DOWNLOAD_BUSY = "ray::MapBatches(download)"
@@ -86,8 +87,8 @@ def test_killed_actor_and_task_workers_are_retried_without_loss_or_duplicates(tm
             result = run(RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "out"),
                                     models="tiny", progress=False,
                                     overrides=["download.allow_private_network=true", "download.image_size=64",
-                                               f"output.rows_per_shard={PER_SHARD}", "download.thread_count=2",
-                                               "caption.num_captions=2"]))
+                                               f"output.rows_per_shard={PER_SHARD}", f"output.block_rows={BLOCK}",
+                                               "download.thread_count=2", "caption.num_captions=2"]))
         finally:
             killer.stop.set()
             killer.join()
@@ -122,7 +123,8 @@ def test_killed_dedup_caption_and_write_workers_keep_every_key_once_and_no_self_
         opts = RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "out"), models="tiny",
                           progress=False,
                           overrides=["download.allow_private_network=true", "download.image_size=64",
-                                     f"output.rows_per_shard={PER_SHARD}", "download.thread_count=2",
+                                     f"output.rows_per_shard={PER_SHARD}", f"output.block_rows={BLOCK}",
+                                     "download.thread_count=2",
                                      "caption.num_captions=1", "dedup.enabled=true"])
         killer.start()
         try:
@@ -135,6 +137,7 @@ def test_killed_dedup_caption_and_write_workers_keep_every_key_once_and_no_self_
     assert set(killer.killed) == {"dedup", "caption", "write"}, killer.killed
     assert again.parts_written == 0 and again.record.status == "complete"
     files = sorted(str(p) for p in (tmp_path / "out").glob("*.parquet"))
+    assert len(files) == ROWS // PER_SHARD  # streamed blocks were committed as whole shards
     t = ds.dataset(files, format="parquet").to_table(columns=["key", "status", "error_message", "sha256"])
     keys = t.column("key").to_pylist()
     assert len(keys) == len(set(keys)) == ROWS == result.totals["rows"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from capfilt.config import load_pipeline
-from capfilt.runner import StagePlan, map_stages, resolve_auto
-from capfilt.stages.base import RunContext
+from capfilt.config import StageResources, load_pipeline
+from capfilt.runner import StagePlan, actor_threads, map_stages, resolve_auto, run_ray
+from capfilt.stages.base import RunContext, Stage
 from capfilt.stages.registry import build_stages
 
 
@@ -72,3 +72,61 @@ def test_runtime_env_and_callables():
     kinds = {p.stage.name: (isinstance(fn, type), fn.__name__) for p, (fn, _kw) in zip(plans, ds.calls)}
     assert kinds["caption"] == (True, "CaptionActor") and kinds["dedup"] == (True, "DedupActor")
     assert kinds["download"] == (False, "download") and kinds["write"] == (False, "write")
+
+
+# --- issue 15 item 1: model actors compute on the cores Ray gives them ------------------------------------
+
+
+class _Specs(Stage):
+    """A fanout that passes the spec rows on."""
+
+    name = "read"
+    shape = "fanout"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch
+
+
+class _Threads(Stage):
+    """An actor-pool stage that records, from inside its actor, torch's thread count and the PID."""
+
+    name = "threads"
+    shape = "actor_pool"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import os
+
+        import torch
+
+        n = batch.num_rows
+        batch = batch.append_column("threads", pa.array([torch.get_num_threads()] * n, pa.int64()))
+        omp = os.environ.get("OMP_NUM_THREADS")
+        return batch.append_column("omp", pa.array([omp] * n, pa.string()))
+
+
+def test_actor_threads_rule():
+    two = [StagePlan(_Threads(), StageResources(num_cpus=0.5)), StagePlan(_Threads(), StageResources(num_cpus=0.5))]
+    assert [actor_threads(p, two, 2) for p in two] == [1, 1]      # captioner + scorer on a 2-core laptop
+    assert [actor_threads(p, two, 16) for p in two] == [8, 8]
+    assert actor_threads(two[0], two[:1], 2) == 2                 # the only model stage: every core
+    gpu = StagePlan(_Threads(), StageResources(num_cpus=4, num_gpus=1))
+    assert actor_threads(gpu, [gpu, two[0]], 4) == 4              # never fewer than the CPUs Ray reserves
+    fixed = StagePlan(_Threads(), StageResources(num_cpus=0.5, threads=3))
+    assert actor_threads(fixed, two + [fixed], 2) == 3
+
+
+def test_model_actor_threads_seen_from_inside_the_actor():
+    """Ray starts a 0.5-CPU actor with OMP_NUM_THREADS=1; the runner gives it the threads of its rule."""
+    specs = pa.table({"shard_id": pa.array([0, 1], pa.int64())})
+    seen = {}
+    for threads in ("auto", 1):
+        plans = [StagePlan(_Specs(), StageResources(num_cpus=0.25)),
+                 StagePlan(_Threads(), StageResources(num_cpus=0.5, threads=threads))]
+        rows = pa.concat_tables(list(run_ray(specs, plans, progress=False))).to_pylist()
+        assert len(rows) == 2
+        seen[threads] = {(r["threads"], r["omp"]) for r in rows}
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    assert cpus >= 2, "this test needs a Ray with at least 2 CPUs"
+    assert seen == {"auto": {(cpus, str(cpus))}, 1: {(1, "1")}}
