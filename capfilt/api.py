@@ -28,7 +28,7 @@ from capfilt.progress import RunProgress
 from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import specs_table
-from capfilt.stages.registry import build_stages, known_stages, model_roles, output_schema, totals_from_stats
+from capfilt.stages.registry import build_stages, finish_run, known_stages, model_roles, output_schema, totals_from_stats
 from capfilt.stages.write import reconcile_parts
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,12 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
         exec_seconds = time.time() - t_exec
         reconcile_parts(out, run_id, known_stages())
         parts = scan_output(out)[0]
-        totals = totals_from_stats([p.stats for p in parts])
         keys = committed_keys(out, parts)
+        if len(set(keys)) == total_rows:  # every row is in: run-wide steps (semantic dedup)
+            for note in finish_run(cfg, ctx):
+                log.info("%s", note)
+            parts = scan_output(out)[0]
+        totals = totals_from_stats([p.stats for p in parts])
     except KeyboardInterrupt:
         _try_record(out, record.interrupted())
         raise

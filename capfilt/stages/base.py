@@ -68,7 +68,7 @@ class Stage:
     - ``shape``: how the runner executes it (:data:`Shape`);
     - ``fields``: the output columns it adds (groups of :mod:`capfilt.schema`), see
       :meth:`output_fields`;
-    - :meth:`model_roles`, :meth:`build`, :meth:`stats` and :meth:`throughput`.
+    - :meth:`model_roles`, :meth:`build`, :meth:`stats`, :meth:`throughput` and :meth:`finish`.
 
     Stages may add internal columns named ``_*`` (e.g. ``_seconds_caption``: float64 per row,
     the batch's wall seconds divided by its row count) that the sink aggregates into shard
@@ -122,6 +122,15 @@ class Stage:
     def throughput(cls, totals: dict[str, Any], seconds: float) -> dict[str, float] | None:
         """Throughput of the stage in run totals, given its summed worker-seconds (``None``: none)."""
         return None
+
+    @classmethod
+    def finish(cls, cfg: PipelineConfig, ctx: RunContext) -> list[str]:
+        """A run-wide step once every input row is committed (default: none); notes for the log.
+
+        For decisions that need the whole run (semantic dedup keeps the best-scored copy, known only
+        when all copies are scored). It must be idempotent: a resumed run calls it again.
+        """
+        return []
 
     # --- execution --------------------------------------------------------------------------------
     def setup(self) -> None:

@@ -32,15 +32,16 @@ from capfilt.stages.read import ReadOutputStage, ReadStage
 from capfilt.stages.safety import SafetyStage
 from capfilt.stages.score import ScoreStage
 from capfilt.stages.select import SelectStage
+from capfilt.stages.semdedup import SemDedupStage
 from capfilt.stages.write import ShardWriter
 
 #: ``source: metadata``: read -> download -> blocklist -> langid -> decontam -> safety -> dedup -> caption
-#: -> score -> select -> write (optional stages run only when their section is enabled).
+#: -> score -> select -> semdedup -> write (optional stages run only when their section is enabled).
 METADATA_STAGES: tuple[type[Stage], ...] = (ReadStage, DownloadStage, BlocklistStage, LangIdStage, DecontamStage,
                                             SafetyStage, DedupStage, CaptionStage, ScoreStage, SelectStage,
-                                            ShardWriter)
-#: ``source: output`` (refilter): read the old shards -> select -> write.
-OUTPUT_STAGES: tuple[type[Stage], ...] = (ReadOutputStage, SelectStage, ShardWriter)
+                                            SemDedupStage, ShardWriter)
+#: ``source: output`` (refilter): read the old shards -> select -> semdedup -> write.
+OUTPUT_STAGES: tuple[type[Stage], ...] = (ReadOutputStage, SelectStage, SemDedupStage, ShardWriter)
 
 
 def recipe_stages(cfg: PipelineConfig) -> tuple[type[Stage], ...]:
@@ -102,6 +103,14 @@ def build_stages(cfg: PipelineConfig, ctx: RunContext, stages: Sequence[type[Sta
 
         ctx = replace(ctx, stats_from=known_stages(stages or ()))
     return [(s.build(cfg, ctx), s.resources(cfg)) for s in enabled_stages(cfg, stages)]
+
+
+def finish_run(cfg: PipelineConfig, ctx: RunContext, stages: Sequence[type[Stage]] | None = None) -> list[str]:
+    """Run each enabled stage's run-wide :meth:`Stage.finish` step, in order; their notes.
+
+    Called once every input row is committed (and again by a resumed run: the steps are idempotent).
+    """
+    return [note for s in enabled_stages(cfg, stages) for note in s.finish(cfg, ctx)]
 
 
 def totals_from_stats(stats: list[dict], extra: Iterable[type[Stage]] = ()) -> dict[str, Any]:
