@@ -28,7 +28,8 @@ from capfilt.progress import RunProgress
 from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import specs_table
-from capfilt.stages.registry import build_stages, finish_run, known_stages, model_roles, output_schema, totals_from_stats
+from capfilt.stages.registry import (build_stages, filter_models, finish_run, known_stages, model_roles, output_schema,
+                                     totals_from_stats)
 from capfilt.stages.write import reconcile_parts
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ def run(opts: RunOptions) -> RunResult:
             from capfilt.modeling.blip_scorer import resolve_filter_itm_prefix
 
             resolved["itm_text_prefix"] = resolve_filter_itm_prefix(preset.filter, preset, cfg.score.itm_text_prefix)
+    if filter_models(cfg):
+        resolved["filters"] = filter_models(cfg)
     ident = identity(cfg, preset, [locate(i).uri for i in opts.inputs], src.files, fingerprints(src))
     check_not_file(out)
     if _executor(opts, cfg) == "ray":  # start (or join) Ray before the output folder is touched

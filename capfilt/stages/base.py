@@ -124,6 +124,13 @@ class Stage:
         return None
 
     @classmethod
+    def model_info(cls, cfg: PipelineConfig) -> dict[str, Any] | None:
+        """For ``run.json``: the model (or data) a filter stage decides with and its version
+        (``{"model": str, "version": str, ...}``); ``None`` for stages that use none or the preset's.
+        """
+        return None
+
+    @classmethod
     def finish(cls, cfg: PipelineConfig, ctx: RunContext) -> list[str]:
         """A run-wide step once every input row is committed (default: none); notes for the log.
 
@@ -175,3 +182,24 @@ def require_package(module: str, what: str, extra: str = "filters") -> None:
         from capfilt.config import ConfigError
 
         raise ConfigError(f"{what} needs the {module.replace('_', '-')} package: pip install 'capfilt[{extra}]'")
+
+
+def package_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist`` (``None`` if not installed)."""
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def file_sha256(path: str) -> str | None:
+    """sha256 hex of a local file (``None`` if it cannot be read): pins user-supplied lists and weights."""
+    import hashlib
+    from pathlib import Path
+
+    try:
+        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    except OSError:
+        return None

@@ -105,6 +105,11 @@ def build_stages(cfg: PipelineConfig, ctx: RunContext, stages: Sequence[type[Sta
     return [(s.build(cfg, ctx), s.resources(cfg)) for s in enabled_stages(cfg, stages)]
 
 
+def filter_models(cfg: PipelineConfig, stages: Sequence[type[Stage]] | None = None) -> dict[str, dict[str, Any]]:
+    """``{stage name: its model_info}`` of the enabled stages that report one (``run.json`` ``resolved.filters``)."""
+    return {s.name: info for s in enabled_stages(cfg, stages) if (info := s.model_info(cfg)) is not None}
+
+
 def finish_run(cfg: PipelineConfig, ctx: RunContext, stages: Sequence[type[Stage]] | None = None) -> list[str]:
     """Run each enabled stage's run-wide :meth:`Stage.finish` step, in order; their notes.
 

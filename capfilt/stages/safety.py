@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from capfilt.schema import NSFW, SAFETY_FIELDS, SUCCESS
-from capfilt.stages.base import Stage, column_or_nulls, require_package, set_column, set_field
+from capfilt.stages.base import Stage, column_or_nulls, file_sha256, package_version, require_package, set_column, set_field
 
 if TYPE_CHECKING:
     from capfilt.config import ModelPreset, PipelineConfig, SafetyConfig
@@ -105,6 +105,15 @@ class SafetyStage(Stage):
         from nudenet import NudeDetector
 
         self._detector = NudeDetector()
+
+    @classmethod
+    def model_info(cls, cfg: PipelineConfig) -> dict[str, Any]:
+        """NudeNet's ``320n.onnx`` (its wheel version), or the CLIP head's weights file and sha256."""
+        if cfg.safety.detector == "clip_head":
+            w = cfg.safety.clip_head.weights
+            return {"model": f"NSFW head on CLIP embeddings ({w})", "version": file_sha256(w), "clip": "preset clip"}
+        return {"model": "NudeNet 320n.onnx (YOLOv8n)", "version": package_version("nudenet"),
+                "runtime": f"onnxruntime {package_version('onnxruntime')}"}
 
     @staticmethod
     def stats(table: pa.Table) -> dict[str, Any]:

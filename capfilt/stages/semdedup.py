@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from capfilt.schema import DROP_SEMANTIC_DUPLICATE, SEMDEDUP_FIELDS
-from capfilt.stages.base import Stage, column_or_nulls, require_package, set_field
+from capfilt.stages.base import Stage, column_or_nulls, package_version, require_package, set_field
 
 if TYPE_CHECKING:
     from capfilt.config import PipelineConfig, SemDedupConfig
@@ -113,6 +113,12 @@ class SemDedupStage(Stage):
         """
         require_package("faiss", "semdedup.enabled (k-means over image embeddings)")
         return cls(cfg.semdedup)
+
+    @classmethod
+    def model_info(cls, cfg: PipelineConfig) -> dict[str, Any]:
+        """The embedding's source model (the preset's filter or CLIP) and faiss' version."""
+        src = "filter (BLIP ITC image embedding)" if {"itm", "itc"} & set(cfg.score.scorers) else "clip"
+        return {"model": f"k-means + within-cluster cosine over the preset's {src}", "version": package_version("faiss-cpu")}
 
     @staticmethod
     def stats(table: pa.Table) -> dict[str, Any]:

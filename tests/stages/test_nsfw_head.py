@@ -74,8 +74,10 @@ def test_head_changes_the_decision_in_a_run(tmp_path):
     scores >= 0.6, drops their bytes and names itself."""
     pq.write_table(pa.table({"url": [p.as_uri() for p in COCO], "caption": ["c"] * len(COCO)}), tmp_path / "in.parquet")
 
+    records = {}
+
     def go(out: str, overrides: dict) -> dict[str, dict]:
-        run(RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / out), pipeline="download",
+        records[out] = run(RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / out), pipeline="download",
                        models="tiny", executor="local", progress=False,
                        overrides={"download.allow_file_urls": True, "safety.enabled": True, **overrides}))
         return {r["url"].rsplit("/", 1)[1]: r for r in pq.read_table(tmp_path / out).to_pylist()}
@@ -94,4 +96,10 @@ def test_head_changes_the_decision_in_a_run(tmp_path):
         if n in flag:
             assert rows[n]["image"] is None and rows[n]["nsfw_classes"] == [HEAD_CLASS]
             assert rows[n]["error_message"].startswith(f"NSFW head (CLIP embedding): {HEAD_CLASS}")
+    # run.json names each run's safety model and its version
+    assert records["nudenet"].record.resolved["filters"]["safety"]["model"].startswith("NudeNet 320n.onnx")
+    import hashlib
+
+    head_info = records["head"].record.resolved["filters"]["safety"]
+    assert head_info["version"] == hashlib.sha256((tmp_path / "head.safetensors").read_bytes()).hexdigest()
     assert SafetyStage.model_roles(load_pipeline("download", {"safety.enabled": True})) == set()
