@@ -303,7 +303,7 @@ def _apply(out: Location, part: Any, decisions: dict[str, tuple[str, float]], cf
         if DUP_OF not in pf.schema_arrow.names:
             return False
         compression = pf.metadata.row_group(0).column(0).compression if pf.metadata.num_row_groups else "ZSTD"
-        table = pf.read()
+        table = pf.read(columns=["key", "drop_reason", DUP_OF, SIMILARITY])  # the whole part only if it changes
     keys = table.column("key").to_pylist()
     reasons = column_or_nulls(table, "drop_reason")
     was = [r == DROP_SEMANTIC_DUPLICATE for r in reasons]
@@ -315,6 +315,8 @@ def _apply(out: Location, part: Any, decisions: dict[str, tuple[str, float]], cf
     count = sum(now)
     if same and part.stats.get("semantic_duplicates") == count:
         return False
+    with out.fs.open_input_file(part.parquet) as f:
+        table = pq.read_table(f)
     if not same:
         new = table
         unmark = [i for i, (w, n) in enumerate(zip(was, now)) if w and not n]
