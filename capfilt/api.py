@@ -114,8 +114,9 @@ def run(opts: RunOptions) -> RunResult:
             from capfilt.modeling.blip_scorer import resolve_filter_itm_prefix
 
             resolved["itm_text_prefix"] = resolve_filter_itm_prefix(preset.filter, preset, cfg.score.itm_text_prefix)
-    if filter_models(cfg):
-        resolved["filters"] = filter_models(cfg)
+    filters = filter_models(cfg)  # each enabled filter's model and version, for run.json
+    if filters:
+        resolved["filters"] = filters
     ident = identity(cfg, preset, [locate(i).uri for i in opts.inputs], src.files, fingerprints(src))
     check_not_file(out)
     if _executor(opts, cfg) == "ray":  # start (or join) Ray before the output folder is touched
