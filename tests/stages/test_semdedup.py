@@ -142,9 +142,9 @@ def test_semdedup_needs_the_scorer():
 
 def test_semdedup_run_keeps_best_copy_and_a_half_finished_pass_converges(tmp_path):
     """A real run (shapes filter, 300 rows, 30 planted groups): every group keeps at most one copy,
-    the best-scored; then a pass interrupted half-way (half the parts put back as the pipeline wrote
-    them) is finished by the next pass with the same result, and a pass over a finished output
-    rewrites nothing."""
+    the best-scored; a pass over the finished output rewrites nothing; and a pass interrupted
+    half-way (half the parts put back as the pipeline wrote them) is finished by rerunning the
+    same command, with the same result."""
     inp, groups = planted_input(tmp_path / "in", 300, 30)
     out = tmp_path / "out"
     res = run(RunOptions(inputs=[str(inp)], output=str(out), pipeline="blip", models="shapes", executor="local",
@@ -169,8 +169,11 @@ def test_semdedup_run_keeps_best_copy_and_a_half_finished_pass_converges(tmp_pat
         reset = SelectStage(cfg.select)(reset).cast(t.schema)
         pq.write_table(reset, p.parquet)
     assert _rows(out) != rows
-    again = semantic_dedup(loc, cfg)
-    assert again.parts_rewritten >= 1 and _rows(out) == rows
+    # the same command again: nothing is left to download or score, and the pass finishes its work
+    again = run(RunOptions(inputs=[str(inp)], output=str(out), pipeline="blip", models="shapes", executor="local",
+                           progress=False, overrides=OVERRIDES))
+    assert again.record.status == "complete" and again.parts_written == 0
+    assert _rows(out) == rows and again.totals["semantic_duplicates"] == res.totals["semantic_duplicates"]
 
 
 @pytest.mark.slow
@@ -210,3 +213,15 @@ def test_semdedup_2000_rows_recall_and_rerun_after_kill(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _rows(killed) == rows
+
+
+@pytest.mark.slow
+def test_semdedup_under_ray_matches_the_local_executor(tmp_path):
+    """The same planted input through the Ray Data job and in-process: the same decisions."""
+    inp, groups = planted_input(tmp_path / "in", 300, 30)
+    for executor in ("local", "ray"):
+        run(RunOptions(inputs=[str(inp)], output=str(tmp_path / executor), pipeline="blip", models="shapes",
+                       executor=executor, progress=False, overrides=OVERRIDES))
+    ray_rows = _rows(tmp_path / "ray")
+    assert check_groups(ray_rows, groups) >= 0.95
+    assert ray_rows == _rows(tmp_path / "local")
