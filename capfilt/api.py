@@ -28,7 +28,8 @@ from capfilt.progress import RunProgress
 from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import specs_table, stream_blocks
-from capfilt.stages.registry import build_stages, known_stages, model_roles, output_schema, totals_from_stats
+from capfilt.stages.registry import (build_stages, filter_models, finish_run, known_stages, model_roles, output_schema,
+                                     totals_from_stats)
 from capfilt.stages.write import flush_staging, reconcile_parts
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,9 @@ def run(opts: RunOptions) -> RunResult:
             from capfilt.modeling.blip_scorer import resolve_filter_itm_prefix
 
             resolved["itm_text_prefix"] = resolve_filter_itm_prefix(preset.filter, preset, cfg.score.itm_text_prefix)
+    filters = filter_models(cfg)  # each enabled filter's model and version, for run.json
+    if filters:
+        resolved["filters"] = filters
     ident = identity(cfg, preset, [locate(i).uri for i in opts.inputs], src.files, fingerprints(src))
     check_not_file(out)
     if _executor(opts, cfg) == "ray":  # start (or join) Ray before the output folder is touched
@@ -180,8 +184,12 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
         flush_staging(out, schema, run_id, known_stages(), compression)  # a shard whose blocks never all arrived
         reconcile_parts(out, run_id, known_stages())
         parts = scan_output(out)[0]
-        totals = totals_from_stats([p.stats for p in parts])
         keys = committed_keys(out, parts)
+        if len(set(keys)) == total_rows:  # every row is in: run-wide steps (semantic dedup)
+            for note in finish_run(cfg, ctx):
+                log.info("%s", note)
+            parts = scan_output(out)[0]
+        totals = totals_from_stats([p.stats for p in parts])
     except KeyboardInterrupt:
         _try_record(out, record.interrupted())
         raise

@@ -299,6 +299,35 @@ class DecontamConfig(Strict):
         return self
 
 
+class SemDedupConfig(Strict):
+    """Optional semantic dedup after the run (see :mod:`capfilt.stages.semdedup`; SemDeDup, Abbas et al. 2023).
+
+    The scorer stores each image's embedding (``image_embedding``); once every row is committed,
+    k-means (faiss, ``n_clusters`` at most, fitted on ``sample_size`` rows) groups them and, within
+    each cluster, a kept row whose image embedding has cosine >= ``threshold`` with a better-scored
+    kept row is dropped (``drop_reason: semantic_duplicate``). ``kmeans_iterations`` and ``seed``
+    make the clustering reproducible.
+    """
+
+    enabled: bool = False
+    threshold: float = Field(0.95, gt=0, le=1)
+    n_clusters: int = Field(1000, ge=1)
+    sample_size: int = Field(100_000, ge=1)
+    kmeans_iterations: int = Field(20, ge=1)
+    seed: int = 0
+
+
+class NsfwHeadConfig(Strict):
+    """A LAION-style NSFW head on CLIP image embeddings (see :mod:`capfilt.modeling.nsfw_head`).
+
+    ``weights``: a local ``.safetensors`` / ``.pt`` / ``.npz`` file of the MLP's ``Linear`` layers
+    (``dense0..N`` or ``0..N`` names, LAION's CLIP-based-NSFW-Detector layout); it scores the
+    preset's ``clip`` model's embeddings.
+    """
+
+    weights: str
+
+
 class SafetyConfig(Strict):
     """Optional NSFW image detection (see :mod:`capfilt.stages.safety`; NudeNet's ONNX detector).
 
@@ -314,6 +343,15 @@ class SafetyConfig(Strict):
                                min_length=1)
     threshold: float = Field(0.6, ge=0, le=1)
     min_detection: float = Field(0.25, ge=0, le=1)
+    detector: Literal["nudenet", "clip_head"] = "nudenet"
+    clip_head: NsfwHeadConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_head(self) -> "SafetyConfig":
+        if self.detector == "clip_head" and self.clip_head is None:
+            raise ValueError("safety.detector is clip_head but safety.clip_head.weights is not set; give the "
+                             "path of the NSFW head's weights (safety.clip_head.weights=PATH)")
+        return self
 
 
 class OutputConfig(Strict):
@@ -401,6 +439,7 @@ class ResourcesConfig(Strict):
     decontam: StageResources = StageResources(num_cpus=0.25)
     safety: StageResources = StageResources(num_cpus=0.5)
     dedup: StageResources = StageResources(num_cpus=0.25)
+    semdedup: StageResources = StageResources(num_cpus=0.25)
     caption: StageResources = StageResources(num_cpus=0.5, num_gpus="auto")
     score: StageResources = StageResources(num_cpus=0.5, num_gpus="auto")
     caption_score: StageResources = StageResources(num_cpus=1.0, num_gpus="auto")
@@ -429,6 +468,7 @@ class PipelineConfig(Strict):
     caption: CaptionConfig = CaptionConfig()
     score: ScoreConfig = ScoreConfig()
     select: SelectConfig = SelectConfig()
+    semdedup: SemDedupConfig = SemDedupConfig()
     output: OutputConfig = OutputConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
@@ -445,6 +485,9 @@ class PipelineConfig(Strict):
             if need:
                 raise ValueError(f"download.enabled is false but {', '.join(need)} is true: those stages need the "
                                  f"downloaded images; enable download or disable them")
+        if self.source == "metadata" and self.semdedup.enabled and not self.score.enabled:
+            raise ValueError("semdedup.enabled is true but score.enabled is false: semantic dedup uses the image "
+                             "embeddings the scorer computes; enable score or disable semdedup")
         if self.source == "metadata" and not self.caption.enabled and not self.select.include_web:
             raise ValueError("select.include_web is false and caption.enabled is false: there are no synthetic "
                              "captions, so no text could be kept; set select.include_web=true or enable caption")

@@ -55,6 +55,9 @@ STATUSES: dict[str, str] = {
 DROP_NOT_DOWNLOADED = "not_downloaded"
 DROP_BELOW_THRESHOLD = "below_threshold"
 DROP_NO_CANDIDATES = "no_candidates"
+#: Set after the run by semantic dedup (:mod:`capfilt.stages.semdedup`) on a kept row whose image
+#: is a near-duplicate of a better-scored kept row.
+DROP_SEMANTIC_DUPLICATE = "semantic_duplicate"
 
 SOURCE_WEB = "web"
 SOURCE_SYNTHETIC = "synthetic"
@@ -134,8 +137,17 @@ SELECT_FIELDS: list[pa.Field] = [
     pa.field("drop_reason", pa.string()),
 ]
 
+#: Semantic dedup (:mod:`capfilt.stages.semdedup`): the image's L2-normalised embedding from the
+#: scorer (BLIP ITC ``vision_proj`` or CLIP, float32 ``(D,)``; null unless ``semdedup.enabled``),
+#: the key of the kept row a semantic duplicate repeats, and their cosine.
+SEMDEDUP_FIELDS: list[pa.Field] = [
+    pa.field("image_embedding", pa.list_(pa.float32())),
+    pa.field("semantic_duplicate_of", pa.string()),
+    pa.field("semantic_similarity", pa.float32()),
+]
+
 CONTRACT_COLUMNS = {f.name for f in (ID_FIELDS + DOWNLOAD_FIELDS + LANGID_FIELDS + SAFETY_FIELDS + CAPTION_FIELDS
-                                     + TEXT_LENGTH_FIELDS + SELECT_FIELDS)} | {
+                                     + TEXT_LENGTH_FIELDS + SELECT_FIELDS + SEMDEDUP_FIELDS)} | {
     f.name for s in ("itm", "itc", "clip") for f in score_fields(s)
 }
 

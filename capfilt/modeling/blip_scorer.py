@@ -107,15 +107,28 @@ class BlipScorer:
         pv = self.processor.image_processor(images=list(images), return_tensors="pt").pixel_values
         return self.model.vision_model(pixel_values=pv.to(self.device, self.dtype)).last_hidden_state
 
-    def score(self, images: Sequence[Any], texts: Sequence[Sequence[str]]) -> list[ScoreResult]:
+    def image_embeddings(self, image_embeds: Any) -> Any:
+        """The ITC image embedding: ``normalize(vision_proj(image [CLS]))``, float32 ``(B, P)``.
+
+        Args:
+            image_embeds: :meth:`encode_images` output, ``(B, 1 + patches, D_vision)``.
+        """
+        from torch.nn.functional import normalize
+
+        return normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+
+    def score(self, images: Sequence[Any], texts: Sequence[Sequence[str]], embed: bool = False) -> list[ScoreResult]:
         """Score every text of ``texts[i]`` against ``images[i]``.
 
         Args:
             images: ``B`` PIL RGB images.
             texts: ``B`` lists of candidate texts (``T_i`` each, may be empty).
+            embed: also return each image's ITC embedding (:meth:`image_embeddings`), computed from
+                the same vision pass (also for images without texts).
 
         Returns:
-            ``B`` :class:`ScoreResult` with float32 ``(T_i,)`` arrays for the configured scorers.
+            ``B`` :class:`ScoreResult` with float32 ``(T_i,)`` arrays for the configured scorers
+            (and ``image_embedding`` float32 ``(P,)`` with ``embed``).
 
         Raises:
             ValueError: ``len(images) != len(texts)``.
@@ -128,20 +141,25 @@ class BlipScorer:
         owner = torch.tensor([i for i, ts in enumerate(texts) for _ in ts], dtype=torch.long, device=self.device)
         itm = np.zeros(len(flat), np.float32)
         itc = np.zeros(len(flat), np.float32)
-        if flat:
+        emb = None
+        if flat or (embed and images):
             with torch.inference_mode():
                 image_embeds = self.encode_images(images)  # (B, N, Dv)
-                ids, mask = self.tokenize(flat)  # (T, L)
-                if "itm" in self.scorers:
-                    itm = self._itm(image_embeds, owner, with_prefix(ids, self.itm_prefix_id), mask)
-                if "itc" in self.scorers:
-                    itc = self._itc(image_embeds, owner, ids, mask)
+                if embed:
+                    emb = self.image_embeddings(image_embeds).cpu().numpy().astype(np.float32)  # (B, P)
+                if flat:
+                    ids, mask = self.tokenize(flat)  # (T, L)
+                    if "itm" in self.scorers:
+                        itm = self._itm(image_embeds, owner, with_prefix(ids, self.itm_prefix_id), mask)
+                    if "itc" in self.scorers:
+                        itc = self._itc(image_embeds, owner, ids, mask)
         out, start = [], 0
-        for ts in texts:
+        for i, ts in enumerate(texts):
             sl = slice(start, start + len(ts))
             start += len(ts)
             out.append(ScoreResult(itm=itm[sl].copy() if "itm" in self.scorers else None,
-                                   itc=itc[sl].copy() if "itc" in self.scorers else None))
+                                   itc=itc[sl].copy() if "itc" in self.scorers else None,
+                                   image_embedding=emb[i].copy() if emb is not None else None))
         return out
 
     def _cross_kv(self, image_embeds: Any) -> list[tuple[Any, Any]]:
@@ -205,7 +223,7 @@ class BlipScorer:
         import torch
         from torch.nn.functional import normalize
 
-        image_feat = normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)  # (B, P)
+        image_feat = self.image_embeddings(image_embeds)  # (B, P)
         sims = []
         for idx in chunks(range(ids.shape[0]), TEXT_CHUNK):
             sel = torch.as_tensor(list(idx), device=self.device)

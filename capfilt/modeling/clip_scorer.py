@@ -75,15 +75,17 @@ class ClipScorer:
             feats.append(normalize(self.model.text_projection(pooled).float(), dim=-1))
         return torch.cat(feats)
 
-    def score(self, images: Sequence[Any], texts: Sequence[Sequence[str]]) -> list[ScoreResult]:
+    def score(self, images: Sequence[Any], texts: Sequence[Sequence[str]], embed: bool = False) -> list[ScoreResult]:
         """CLIP cosine of every text in ``texts[i]`` with ``images[i]``.
 
         Args:
             images: ``B`` PIL RGB images.
             texts: ``B`` lists of candidate texts (``T_i`` each, may be empty).
+            embed: also return each image's embedding (:meth:`image_features`).
 
         Returns:
-            ``B`` :class:`ScoreResult` with ``clip``: float32 ``(T_i,)`` in [-1, 1].
+            ``B`` :class:`ScoreResult` with ``clip``: float32 ``(T_i,)`` in [-1, 1] (and
+            ``image_embedding`` float32 ``(projection_dim,)`` with ``embed``).
 
         Raises:
             ValueError: ``len(images) != len(texts)``.
@@ -94,14 +96,20 @@ class ClipScorer:
             raise ValueError(f"{len(images)} images but {len(texts)} text lists")
         flat = [t for ts in texts for t in ts]
         sims = np.zeros(len(flat), np.float32)
-        if flat:
-            owner = torch.tensor([i for i, ts in enumerate(texts) for _ in ts], dtype=torch.long, device=self.device)
+        emb = None
+        if flat or (embed and images):
             with torch.inference_mode():
                 img = self.image_features(images)  # (B, P)
-                txt = self.text_features(flat)  # (T, P)
-                sims = (img.index_select(0, owner) * txt).sum(-1).cpu().numpy().astype(np.float32)
+                if embed:
+                    emb = img.cpu().numpy().astype(np.float32)
+                if flat:
+                    owner = torch.tensor([i for i, ts in enumerate(texts) for _ in ts], dtype=torch.long,
+                                         device=self.device)
+                    txt = self.text_features(flat)  # (T, P)
+                    sims = (img.index_select(0, owner) * txt).sum(-1).cpu().numpy().astype(np.float32)
         out, start = [], 0
-        for ts in texts:
-            out.append(ScoreResult(clip=sims[start:start + len(ts)].copy()))
+        for i, ts in enumerate(texts):
+            out.append(ScoreResult(clip=sims[start:start + len(ts)].copy(),
+                                   image_embedding=emb[i].copy() if emb is not None else None))
             start += len(ts)
         return out

@@ -18,11 +18,16 @@ class ScoreResult:
             ``text_proj(text [CLS])`` in [-1, 1]; ``None`` if not computed.
         clip: float32 ``(T,)``, CLIP cosine of normalised image and text embeddings in [-1, 1]
             (BLIP-2 §3.4 ranking); ``None`` if not computed.
+        image_embedding: float32 ``(D,)``, the image's L2-normalised embedding in the scorer's
+            image-text space (BLIP: ``normalize(vision_proj(image [CLS]))``, ``D = 256`` for the
+            released checkpoints; CLIP: ``normalize(visual_projection(pooled))``); ``None`` unless
+            the scorer was asked for it (``embed=True``; semantic dedup uses it).
     """
 
     itm: np.ndarray | None = None
     itc: np.ndarray | None = None
     clip: np.ndarray | None = None
+    image_embedding: np.ndarray | None = None
 
     def get(self, scorer: str) -> np.ndarray:
         """The scores of ``scorer`` (``itm``, ``itc`` or ``clip``).

@@ -336,13 +336,14 @@ def _section_download(data: dict[str, Any], plots: dict[str, bytes]) -> str:
     return "".join(parts)
 
 
-def _section_filters(data: dict[str, Any]) -> str:
+def _section_filters(data: dict[str, Any], images: dict[str, str | None] | None = None) -> str:
     f = data["filters"]
     rows = f["rows"]
     kpis = "".join(_kpi(_int(r["rows"]), f"{r['filter']}: {r['status']}", _pct(_share(r["rows"], rows)))
                    for r in f["removed"])
-    parts = [f'<p class="note">Rows each curation filter removed before the models ran (of {_int(rows)} rows read). '
-             f'Filters run in pipeline order: blocklist, langid, decontam, safety, dedup.</p>',
+    parts = [f'<p class="note">Rows each curation filter removed (of {_int(rows)} rows read). Filters run in '
+             f'pipeline order: blocklist, langid, decontam, safety, dedup before the models; semdedup after the '
+             f'run, on the kept rows.</p>',
              f'<div class="kpis">{kpis}</div>']
     cols = []
     if f.get("web_langs") is not None:
@@ -359,6 +360,20 @@ def _section_filters(data: dict[str, Any]) -> str:
                              numeric=[1]))
     if cols:
         parts.append('<div class="row">' + "".join(f"<div>{c}</div>" for c in cols) + "</div>")
+    removed = f.get("removed_samples") or {}
+    if removed:
+        parts.append('<h3>Removed samples</h3><p class="note">Rows each filter removed, drawn at random (seeded). '
+                     'Images the NSFW detector flagged or scored high are shown blurred (blurred before they were '
+                     'embedded); rows it removed have no stored image.</p>')
+        for name, shown in removed.items():
+            cards = []
+            for r in shown:
+                why = r.get("error_message") or (f"repeats {r['semantic_duplicate_of']}"
+                                                 if r.get("semantic_duplicate_of") else r.get("drop_reason") or "")
+                card = _card(r, images or {})
+                note = ('<div class="note">' + ("blurred · " if r.get("blurred") else "") + _e(why) + "</div>")
+                cards.append(card.replace('<div class="body">', '<div class="body">' + note, 1))
+            parts.append(f"<h3>{_e(name)}</h3>" + '<div class="grid">' + "".join(cards) + "</div>")
     return "".join(parts)
 
 
@@ -615,7 +630,7 @@ def render_html(data: dict[str, Any], plots: dict[str, bytes], images: dict[str,
         "download": _section_download(data, plots),
         "filter": _section_filter(data, plots),
         "labels": _section_labels(data, plots) if data.get("labels") else "",
-        "filters": _section_filters(data) if data.get("filters") else "",
+        "filters": _section_filters(data, thumbs) if data.get("filters") else "",
         "captions": _section_captions(data, plots),
         "samples": _section_samples(data, thumbs),
     }

@@ -29,7 +29,7 @@ from capfilt.errors import OutputError
 from capfilt.io.filesystem import Location, locate
 from capfilt.io.writer import META_DIR
 from capfilt.report.accumulate import Moments, Reservoir, ScoreHist, TextStats, TopK
-from capfilt.report.filters import FilterStats
+from capfilt.report.filters import FilterStats, blur_flagged, read_details
 from capfilt.report.labels import LabelScores, check_label_column, label_report, label_scorer, split_values
 from capfilt.report.layout import ShardFile, config_get, find_shards, read_run_record, run_section
 
@@ -204,7 +204,7 @@ class Scan:
         if self.primary is not None and web_kept is not None:
             self._add_removed(rb, cols, shard, offset, web_kept, syn_kept)
         self._add_texts(rb, cols)
-        self.filters.add(rb, cols)
+        self.filters.add(rb, cols, shard, offset)
         if self.labels is not None:
             self._add_labels(rb, cols, status)
         has_image = pc.equal(status, schema.SUCCESS).fill_null(False)
@@ -478,10 +478,16 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
     # pass 2: the rows shown, image bytes included
     picks = {"samples": scan.reservoir.result(), "lowest_kept_web": scan.low_kept.result(),
              "highest_dropped_web": scan.high_dropped.result()}
-    rows = fetch_rows(loc, complete, {p for ps in picks.values() for p in ps}, scan.primary, scan.selected, warnings)
+    removed = scan.filters.picks() if data["filters"] else set()
+    rows = fetch_rows(loc, complete, {p for ps in picks.values() for p in ps} | removed, scan.primary, scan.selected,
+                      warnings)
     images = {r["key"]: r.pop("_image") for r in rows.values() if r.get("_image") is not None}
     for r in rows.values():
         r.pop("_image", None)
+    details = read_details(loc, complete, set(rows))
+    blur_flagged(rows, images, details)  # NSFW images blurred here, before anything renders them
+    if data["filters"]:
+        data["filters"]["removed_samples"] = scan.filters.removed_samples(rows, details)
     data["samples"] = [rows[p] for p in picks["samples"] if p in rows]
     data["borderline"] = {"scorer": scan.primary,
                           "lowest_kept_web": [rows[p] for p in picks["lowest_kept_web"] if p in rows],

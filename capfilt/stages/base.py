@@ -68,7 +68,7 @@ class Stage:
     - ``shape``: how the runner executes it (:data:`Shape`);
     - ``fields``: the output columns it adds (groups of :mod:`capfilt.schema`), see
       :meth:`output_fields`;
-    - :meth:`model_roles`, :meth:`build`, :meth:`stats` and :meth:`throughput`.
+    - :meth:`model_roles`, :meth:`build`, :meth:`stats`, :meth:`throughput` and :meth:`finish`.
 
     Stages may add internal columns named ``_*`` (e.g. ``_seconds_caption``: float64 per row,
     the batch's wall seconds divided by its row count) that the sink aggregates into shard
@@ -123,6 +123,22 @@ class Stage:
         """Throughput of the stage in run totals, given its summed worker-seconds (``None``: none)."""
         return None
 
+    @classmethod
+    def model_info(cls, cfg: PipelineConfig) -> dict[str, Any] | None:
+        """For ``run.json``: the model (or data) a filter stage decides with and its version
+        (``{"model": str, "version": str, ...}``); ``None`` for stages that use none or the preset's.
+        """
+        return None
+
+    @classmethod
+    def finish(cls, cfg: PipelineConfig, ctx: RunContext) -> list[str]:
+        """A run-wide step once every input row is committed (default: none); notes for the log.
+
+        For decisions that need the whole run (semantic dedup keeps the best-scored copy, known only
+        when all copies are scored). It must be idempotent: a resumed run calls it again.
+        """
+        return []
+
     # --- execution --------------------------------------------------------------------------------
     def setup(self) -> None:
         """Load heavy state (models, clients). Called once per worker before the first batch."""
@@ -166,3 +182,24 @@ def require_package(module: str, what: str, extra: str = "filters") -> None:
         from capfilt.config import ConfigError
 
         raise ConfigError(f"{what} needs the {module.replace('_', '-')} package: pip install 'capfilt[{extra}]'")
+
+
+def package_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist`` (``None`` if not installed)."""
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def file_sha256(path: str) -> str | None:
+    """sha256 hex of a local file (``None`` if it cannot be read): pins user-supplied lists and weights."""
+    import hashlib
+    from pathlib import Path
+
+    try:
+        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    except OSError:
+        return None

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from capfilt.errors import InputError
 from capfilt.schema import BLOCKED_CONTENT, SUCCESS
-from capfilt.stages.base import Stage, column_or_nulls, require_package, set_column
+from capfilt.stages.base import Stage, column_or_nulls, file_sha256, package_version, require_package, set_column
 
 if TYPE_CHECKING:
     from capfilt.config import BlocklistConfig, PipelineConfig
@@ -153,6 +153,12 @@ class BlocklistStage(Stage):
         """Read the list files (once per worker)."""
         if self._lists is None:
             self._lists = Blocklists.load(list(self.cfg.lists))
+
+    @classmethod
+    def model_info(cls, cfg: PipelineConfig) -> dict[str, Any]:
+        """The lists (sha256 of each file) and the PDQ implementation's version."""
+        return {"model": "blocklists (sha256 / url_sha256 / PDQ)", "version": package_version("pdqhash"),
+                "lists": {p: file_sha256(p) for p in cfg.blocklist.lists}}
 
     @staticmethod
     def stats(table: pa.Table) -> dict[str, Any]:

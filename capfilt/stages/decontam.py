@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from capfilt.errors import InputError
 from capfilt.schema import CONTAMINATED, SUCCESS
-from capfilt.stages.base import Stage, column_or_nulls, set_column
+from capfilt.stages.base import Stage, column_or_nulls, package_version, set_column
 from capfilt.stages.dedup import THUMB, perceptual_embedding
 
 if TYPE_CHECKING:
@@ -119,6 +119,12 @@ class DecontamStage(Stage):
         self._ids, embs = load_eval_images(list(self.cfg.eval_sets))
         self._index = faiss.IndexFlatIP(THUMB * THUMB)
         self._index.add(embs)
+
+    @classmethod
+    def model_info(cls, cfg: PipelineConfig) -> dict[str, Any]:
+        """Perceptual 32x32 embedding + faiss exact search; the evaluation sets searched."""
+        return {"model": "perceptual embedding (32x32 grey) + faiss IndexFlatIP", "version": package_version("faiss-cpu"),
+                "eval_sets": list(cfg.decontam.eval_sets)}
 
     @staticmethod
     def stats(table: pa.Table) -> dict[str, Any]:

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import io
 import uuid
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
 from capfilt.config import DedupConfig
 from capfilt.schema import DUPLICATE, SUCCESS
-from capfilt.stages.base import RunContext, Stage, set_column
+from capfilt.stages.base import RunContext, Stage, package_version, set_column
 
 if TYPE_CHECKING:
     from capfilt.config import PipelineConfig
@@ -98,6 +98,13 @@ class DedupStage(Stage):
     def build(cls, cfg: PipelineConfig, ctx: RunContext) -> DedupStage:
         """Dedup over this run, seeded with the shards already committed in its output."""
         return cls(cfg.dedup, ctx.output_uri, ctx.committed)
+
+    @classmethod
+    def model_info(cls, cfg: PipelineConfig) -> dict[str, Any]:
+        """sha256 of the stored bytes, and with ``near`` the perceptual embedding searched with faiss."""
+        near = f" + perceptual embedding (32x32 grey) / faiss IndexFlatIP >= {cfg.dedup.near_threshold}"
+        return {"model": "sha256" + (near if cfg.dedup.near else ""),
+                "version": package_version("faiss-cpu") if cfg.dedup.near else None}
 
     def setup(self) -> None:
         """Create the seen-set and faiss index, seeded with the claim log and the committed shards."""

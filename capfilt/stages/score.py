@@ -16,13 +16,16 @@ import pyarrow.compute as pc
 
 from capfilt.config import ModelPreset, ScoreConfig
 from capfilt.modeling.scores import ScoreResult, token_counts
-from capfilt.schema import CAPTION_FIELDS, FAILED_TO_SCORE, SUCCESS, TEXT_LENGTH_FIELDS, score_fields
+from capfilt.schema import (CAPTION_FIELDS, FAILED_TO_SCORE, SEMDEDUP_FIELDS, SUCCESS, TEXT_LENGTH_FIELDS,
+                            score_fields)
 from capfilt.stages._model_rows import add_seconds, decode_image, mark_failed, run_rows, success_rows
 from capfilt.stages.base import RunContext, Stage, column_or_nulls, set_column, set_field
 
 if TYPE_CHECKING:
     from capfilt.config import PipelineConfig
 
+#: Key of the image embedding in a row's merged results (not a scorer name).
+EMBEDDING = "image_embedding"
 #: The preset role whose model computes each scorer.
 SCORER_ROLES = {"itm": "filter", "itc": "filter", "clip": "clip"}
 
@@ -51,9 +54,14 @@ class ScoreStage(Stage):
     Internal columns for the writer's stats: ``_seconds_score`` (float64, this call's wall seconds
     divided by its row count) and ``_texts_score`` (int32, texts scored in the row).
 
+    With ``embed`` (``semdedup.enabled``) it also writes ``image_embedding`` (float32 ``(D,)`` list,
+    :data:`capfilt.schema.SEMDEDUP_FIELDS`): the L2-normalised image embedding of the first scorer
+    model (BLIP ITC ``vision_proj`` when ``itm``/``itc`` are scored, else CLIP), from the same vision pass.
+
     Args:
         cfg: :class:`capfilt.config.ScoreConfig`.
         preset: model preset (``filter`` and, when ``clip`` is a scorer, ``clip``).
+        embed: also write ``image_embedding``.
     """
 
     name: ClassVar[str] = "score"
@@ -62,9 +70,10 @@ class ScoreStage(Stage):
     #: Image bytes -> RGB ``PIL.Image``; the fused stage (:mod:`capfilt.stages.fused`) shares one decode.
     decode = staticmethod(decode_image)
 
-    def __init__(self, cfg: ScoreConfig, preset: ModelPreset):
+    def __init__(self, cfg: ScoreConfig, preset: ModelPreset, embed: bool = False):
         self.cfg = cfg
         self.preset = preset
+        self.embed = embed
         self.scorers: list[Any] = []
 
     @classmethod
@@ -80,8 +89,8 @@ class ScoreStage(Stage):
 
     @classmethod
     def build(cls, cfg: PipelineConfig, ctx: RunContext) -> ScoreStage:
-        """The score stage with the run's model preset."""
-        return cls(cfg.score, ctx.preset)
+        """The score stage with the run's model preset (embedding images when ``semdedup.enabled``)."""
+        return cls(cfg.score, ctx.preset, embed=cfg.semdedup.enabled)
 
     @staticmethod
     def stats(table: pa.Table) -> dict[str, Any]:
@@ -134,13 +143,15 @@ class ScoreStage(Stage):
 
     def _score(self, images: Sequence[Any], texts: Sequence[Sequence[str]]) -> list[dict[str, np.ndarray]]:
         merged: list[dict[str, np.ndarray]] = [{} for _ in images]
-        for scorer in self.scorers:
-            res: list[ScoreResult] = scorer.score(images, texts)
+        for n, scorer in enumerate(self.scorers):
+            res: list[ScoreResult] = scorer.score(images, texts, embed=self.embed and n == 0)
             for m, r in zip(merged, res):
                 for s in self.cfg.scorers:
                     value = getattr(r, s)
                     if value is not None:
                         m[s] = value
+                if r.image_embedding is not None:
+                    m[EMBEDDING] = r.image_embedding
         return merged
 
     def _web_lengths(self, web: list[Any], scored: dict[int, Any], n: int) -> tuple[list[int | None], list[bool | None]]:
@@ -189,6 +200,9 @@ class ScoreStage(Stage):
             syn_field, web_field = score_fields(s)
             out = set_field(out, syn_field, syn_col)
             out = set_field(out, web_field, web_col)
+        if self.embed:
+            emb_col = [results[r][EMBEDDING].tolist() if r in results else None for r in range(n)]
+            out = set_field(out, SEMDEDUP_FIELDS[0], emb_col)
         tokens, truncated = self._web_lengths(web, results, n)
         length_fields = dict(zip((f.name for f in TEXT_LENGTH_FIELDS), TEXT_LENGTH_FIELDS))
         out = set_field(out, length_fields["web_text_tokens"], tokens)

@@ -75,7 +75,8 @@ def record_all(tmp: Path) -> Recorded:
     (tmp / "eval" / "x.jpg").write_bytes(sorted(COCO.glob("*.jpg"))[10].read_bytes())  # not in the input
     cfg = metadata_config(**{"blocklist.enabled": True, "blocklist.lists": [str(tmp / "blocklist.txt")],
                              "langid.enabled": True, "decontam.enabled": True,
-                             "decontam.eval_sets": [str(tmp / "eval")], "safety.enabled": True})
+                             "decontam.eval_sets": [str(tmp / "eval")], "safety.enabled": True,
+                             "semdedup.enabled": True})
     files = inspect_inputs([str(write_input(tmp))], cfg.input)
     rec.scorers = list(cfg.score.scorers)
     out = locate(str(tmp / "out"))

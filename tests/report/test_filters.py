@@ -48,3 +48,44 @@ def test_filters_section_counts_what_the_filters_did(tmp_path):
     assert 'id="filters"' in html and "Web-caption languages" in html and "NSFW detector scores" in html
     # a run with no filter has no such section
     assert compute_report_data(str(tmp_path / "plain")).data["filters"] is None
+
+
+def test_removed_samples_grid_blurs_nsfw_scored_images(tmp_path):
+    """Each photo twice (file URLs): dedup removes the second copies, which the grid shows; the
+    safety stage counts faces (threshold 1.0: it flags nothing, so the bytes stay) and every shown
+    image with a face score >= BLUR_AT is embedded only blurred, the others as they are."""
+    from capfilt.report.filters import BLUR_AT, blur
+    from capfilt.report.html import thumbnail
+
+    faces = {"download.allow_file_urls": True, "safety.enabled": True, "safety.classes": ["FACE_FEMALE", "FACE_MALE"],
+             "safety.threshold": 1.0}
+
+    def go(name: str, photos: list[Path], overrides: dict) -> None:
+        urls = [p.as_uri() for p in photos]
+        pq.write_table(pa.table({"url": urls, "caption": ["c"] * len(urls)}), tmp_path / f"{name}.parquet")
+        run(RunOptions(inputs=[str(tmp_path / f"{name}.parquet")], output=str(tmp_path / name), pipeline="download",
+                       executor="local", progress=False, overrides={**faces, **overrides}))
+
+    go("scan", COCO[:40], {})  # which photos have a face score >= BLUR_AT
+    score = {r["url"]: r["nsfw_score"] for r in pq.read_table(tmp_path / "scan").to_pylist()}
+    with_face = [p for p in COCO[:40] if score[p.as_uri()] >= BLUR_AT][:3]
+    without = [p for p in COCO[:40] if score[p.as_uri()] < BLUR_AT][:3]
+    assert len(with_face) == len(without) == 3
+    go("out", (with_face + without) * 2, {"dedup.enabled": True})
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    res = compute_report_data(str(tmp_path / "out"))
+    shown = res.data["filters"]["removed_samples"]["dedup"]
+    assert len(shown) == 6 and all(rows[r["key"]]["status"] == "duplicate" for r in shown)
+    assert all(r["error_message"].startswith("same image as row") for r in shown)
+    face = [r for r in shown if rows[r["key"]]["nsfw_score"] >= BLUR_AT]
+    clear = [r for r in shown if rows[r["key"]]["nsfw_score"] < BLUR_AT]
+    assert face and clear  # both kinds among the shown rows
+    assert all(r["blurred"] for r in face) and not any(r["blurred"] for r in clear)
+    html = render_html(res.data, {}, res.images)
+    for r in face:
+        original = rows[r["key"]]["image"]
+        assert res.images[r["key"]] == blur(original)
+        assert thumbnail(original) not in html and thumbnail(blur(original)) in html
+    for r in clear:
+        assert thumbnail(rows[r["key"]]["image"]) in html
+    assert "Removed samples" in html and "blurred · same image as row" in html
