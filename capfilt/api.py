@@ -25,7 +25,7 @@ from capfilt.io.writer import committed_keys, scan_output
 from capfilt.output import check_not_file, check_overlap, identity, prepare_output, run_id_of, start_record
 from capfilt.plan import Source, fingerprints, inspect_source, plan_shards
 from capfilt.progress import RunProgress
-from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray
+from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray, stage_counter
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import specs_table
 from capfilt.stages.registry import build_stages, known_stages, model_roles, output_schema, totals_from_stats
@@ -160,16 +160,19 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     write_run_record(out, record)
     t_exec = time.time()
     table = specs_table(specs)
+    counter = stage_counter(executor)  # per-stage rows for the progress lines
     try:
-        stream = run_ray(table, plans, opts.ray_address, opts.progress) if executor == "ray" else run_local(table, plans)
+        stream = (run_ray(table, plans, opts.ray_address, opts.progress) if executor == "ray"
+                  else run_local(table, plans, counter))
         written = []
         done_rows = total_rows - sum(s.pending for s in specs)
-        with RunProgress(total_rows, done_rows, opts.progress_every) as progress:
+        with RunProgress(total_rows, done_rows, opts.progress_every, [p.stage.name for p in plans],
+                         counter.snapshot) as progress:
             for batch in stream:
                 for s in batch.column("stats").to_pylist():
                     written.append(json.loads(s))
                     progress.add(written[-1])
-        log.info(progress.line())
+        progress.log_lines()
         exec_seconds = time.time() - t_exec
         reconcile_parts(out, run_id, known_stages())
         parts = scan_output(out)[0]
@@ -181,6 +184,8 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     except Exception as e:
         _try_record(out, record.failed(storage_error(e) or f"{type(e).__name__}: {shorten(one_line(e), 500)}"))
         raise
+    finally:
+        getattr(counter, "close", lambda: None)()
     wall = time.time() - t0
     record = record.finished(totals, len(written), wall, exec_seconds, len(keys), len(set(keys)))
     write_run_record(out, record)

@@ -43,8 +43,13 @@ class ResourceError(CapfiltError):
     """A stage asks for resources the Ray cluster does not have (raised before any work)."""
 
 
-def run_local(specs: pa.Table, plans: list[StagePlan]) -> Iterator[pa.Table]:
+def run_local(specs: pa.Table, plans: list[StagePlan], counter: StageCounter | None = None) -> Iterator[pa.Table]:
     """Run every stage in this process, one shard spec at a time.
+
+    Args:
+        specs: one row per shard spec.
+        plans: stages in order.
+        counter: per-stage row counts for the progress lines (:func:`stage_counter`); ``None``: none.
 
     Yields:
         The last stage's output for each shard (the sink's stats rows).
@@ -54,10 +59,139 @@ def run_local(specs: pa.Table, plans: list[StagePlan]) -> Iterator[pa.Table]:
     for i in range(specs.num_rows):
         t = specs.slice(i, 1)
         for p in plans:
-            t = p.stage(t)
+            t = _counted_call(p.stage, t, counter.add if counter is not None else None)
             if t.num_rows == 0:
                 break
         yield t
+
+
+class StageCounter:
+    """Rows that entered (``started``) and left (``done``) each stage so far, for the progress lines.
+
+    Thread-safe. The same class counts in this process (``--executor local``) and, wrapped by
+    ``ray.remote``, as one small named actor (no CPU) that the Ray stage wrappers report to.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}
+
+    def add(self, stage: str, started: int, done: int) -> None:
+        """Count ``started`` rows entering and ``done`` rows leaving ``stage`` (either may be 0)."""
+        with self._lock:
+            c = self._counts.setdefault(stage, [0, 0])
+            c[0] += started
+            c[1] += done
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """``{stage name: (rows started, rows done)}`` now."""
+        with self._lock:
+            return {k: (v[0], v[1]) for k, v in self._counts.items()}
+
+
+def _counted_call(stage: Stage, batch: pa.Table, report: Any) -> pa.Table:
+    """``stage(batch)``, reporting rows in and out to ``report(stage, started, done)`` (``None``: no report).
+
+    A ``fanout`` stage turns one spec into a shard's rows: it counts its output rows when done. A
+    ``sink`` turns rows into one stats row: it counts its input rows. Every other stage keeps its
+    rows, so it counts its input rows when it starts and its output rows when it ends.
+    """
+    if report is None:
+        return stage(batch)
+    if stage.shape != "fanout":
+        _safe_report(report, stage.name, batch.num_rows, 0)
+    out = stage(batch)
+    if stage.shape == "fanout":
+        _safe_report(report, stage.name, out.num_rows, out.num_rows)
+    else:
+        _safe_report(report, stage.name, 0, batch.num_rows if stage.shape == "sink" else out.num_rows)
+    return out
+
+
+def _safe_report(report: Any, name: str, started: int, done: int) -> None:
+    """Progress counting is best effort: it never fails a block."""
+    try:
+        report(name, started, done)
+    except Exception as e:  # noqa: BLE001 - a lost counter actor must not cost a shard
+        log.debug("stage progress count lost: %s", e)
+
+
+#: Name of the Ray counter actor that stage wrappers built now report to (set by :func:`stage_counter`).
+_COUNTER_NAME: str | None = None
+#: Per worker process: counter actor handles by name.
+_COUNTER_HANDLES: dict[str, Any] = {}
+
+
+def _ray_reporter(name: str | None) -> Any:
+    """In a Ray worker: a ``report(stage, started, done)`` that sends to the counter actor ``name``."""
+    if name is None:
+        return None
+
+    def report(stage: str, started: int, done: int) -> None:
+        """Fire-and-forget one count to the driver's counter actor."""
+        import ray
+
+        h = _COUNTER_HANDLES.get(name)
+        if h is None:
+            h = _COUNTER_HANDLES[name] = ray.get_actor(name)
+        h.add.remote(stage, started, done)
+
+    return report
+
+
+class RayStageCounter:
+    """Driver side of the Ray stage counter: the actor, its snapshot, and its end.
+
+    Args:
+        name: the actor's name (unique per run).
+    """
+
+    def __init__(self, name: str):
+        import ray
+
+        self.name = name
+        self.actor = ray.remote(num_cpus=0, max_restarts=0)(StageCounter).options(name=name).remote()
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """``{stage: (started, done)}``; empty when the actor cannot answer within 5 s."""
+        import ray
+
+        try:
+            return ray.get(self.actor.snapshot.remote(), timeout=5)
+        except Exception as e:  # noqa: BLE001 - Ray shut down, actor lost: no stage line this time
+            log.debug("stage counter unavailable: %s", e)
+            return {}
+
+    def close(self) -> None:
+        """Stop the actor (stage wrappers built later report nowhere)."""
+        global _COUNTER_NAME
+        import ray
+
+        if _COUNTER_NAME == self.name:
+            _COUNTER_NAME = None
+        try:
+            ray.kill(self.actor)
+        except Exception:  # noqa: BLE001 - Ray already shut down
+            pass
+
+
+def stage_counter(executor: str) -> StageCounter | RayStageCounter:
+    """A per-stage row counter for one run: in process (``local``) or a named Ray actor (``ray``, Ray
+    already initialised); Ray stage wrappers built after this call report to it.
+
+    Returns:
+        An object with ``snapshot() -> {stage: (rows started, rows done)}``.
+    """
+    global _COUNTER_NAME
+    if executor != "ray":
+        return StageCounter()
+    import uuid
+
+    counter = RayStageCounter(f"capfilt-stage-counter-{uuid.uuid4().hex[:12]}")
+    _COUNTER_NAME = counter.name
+    return counter
 
 
 def _actor_class(stage: Stage) -> type:
@@ -67,23 +201,28 @@ def _actor_class(stage: Stage) -> type:
     object store, so restarted actors (Ray restarts dead actors by default) can always rebuild it.
     """
 
+    counter = _COUNTER_NAME
+
     class _ActorStage:
         def __init__(self):
             self.stage = stage
             self.stage.setup()
+            self.report = _ray_reporter(counter)
 
         def __call__(self, batch: pa.Table) -> pa.Table:
-            return self.stage(batch)
+            return _counted_call(self.stage, batch, self.report)
 
     _ActorStage.__name__ = _ActorStage.__qualname__ = f"{stage.name.capitalize()}Actor"
     return _ActorStage
 
 
 def _task_fn(stage: Stage):
+    counter = _COUNTER_NAME
+
     def fn(batch: pa.Table) -> pa.Table:
         """Run the task stage on one block (setup is idempotent and cheap)."""
         stage.setup()  # task stages keep setup idempotent and cheap
-        return stage(batch)
+        return _counted_call(stage, batch, _ray_reporter(counter))
 
     fn.__name__ = f"{stage.name}"
     return fn
