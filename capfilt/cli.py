@@ -151,19 +151,22 @@ def run(
                       ray_address=ray_address, executor=executor, overwrite=overwrite, progress=progress,
                       progress_every=progress_every)
     _log_to_stderr()
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    try:
-        result = api_run(opts)
-    except CapfiltError as e:
-        _fail(e)
-    except KeyboardInterrupt as e:
-        err_console.print("[yellow]interrupted[/]: committed shards are kept; rerun the same command to resume.")
-        raise typer.Exit(143 if isinstance(e, Terminated) else 130)  # 128 + SIGTERM / SIGINT
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        from capfilt.runner import shutdown_local_ray
+    from capfilt.stderr_filter import StderrFilter
 
-        shutdown_local_ray()  # no Ray worker of this run outlives it
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    with StderrFilter():  # Ray's alarming-but-harmless lines become one explanation each
+        try:
+            result = api_run(opts)
+        except CapfiltError as e:
+            _fail(e)
+        except KeyboardInterrupt as e:
+            err_console.print("[yellow]interrupted[/]: committed shards are kept; rerun the same command to resume.")
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130)  # 128 + SIGTERM / SIGINT
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            from capfilt.runner import shutdown_local_ray
+
+            shutdown_local_ray()  # no Ray worker of this run outlives it
     print_summary(result, console)
 
 
