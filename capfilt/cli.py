@@ -194,7 +194,9 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 @app.command()
 def demo(
-    output: Annotated[str, typer.Option(help="Output folder for the demo run.")] = "capfilt-demo",
+    output: Annotated[Optional[str], typer.Option(help="Output folder for the demo run (default: capfilt-demo-USER "
+                                                  "in the system's temporary folder, not the current one; the "
+                                                  "path is printed first).")] = None,
     world: Annotated[str, typer.Option(help="shapes: the synthetic shapes world with labelled web noise and models "
                                        "capfilt trained on it; photos: the bundled real photos.")] = "shapes",
     models: Annotated[Optional[str], typer.Option(help="Model preset (default: shapes for the shapes world, the "
@@ -207,7 +209,7 @@ def demo(
     from capfilt.demo import run_demo
 
     try:
-        run_demo(Path(output), models=models, pipeline=pipeline, overwrite=overwrite, console=console, world=world,
+        run_demo(Path(output) if output else None, models=models, pipeline=pipeline, overwrite=overwrite, console=console, world=world,
                  rows=rows)
     except CapfiltError as e:
         _fail(e)
