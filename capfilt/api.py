@@ -70,6 +70,7 @@ class RunResult:
     parts_written: int
     parts_skipped: int
     resumed: bool
+    export: Any = None  # capfilt.export.job.ExportResult when the recipe's export section asked for one
 
 
 def resolve(opts: RunOptions) -> tuple[PipelineConfig, ModelPreset | None]:
@@ -115,11 +116,18 @@ def run(opts: RunOptions) -> RunResult:
             resolved["itm_text_prefix"] = resolve_filter_itm_prefix(preset.filter, preset, cfg.score.itm_text_prefix)
     ident = identity(cfg, preset, [locate(i).uri for i in opts.inputs], src.files, fingerprints(src))
     check_not_file(out)
+    from capfilt.export.after_run import export_after_run, export_destination
+
+    export_destination(cfg.export, out)  # an export after the run: its folder and package checked now
     if _executor(opts, cfg) == "ray":  # start (or join) Ray before the output folder is touched
         init_ray(opts.ray_address)
     with OutputLease(out):
         try:
-            return _run_leased(opts, cfg, preset, out, src, ident, t0, resolved)
+            result = _run_leased(opts, cfg, preset, out, src, ident, t0, resolved)
+            if cfg.export.format != "none":
+                log.info("exporting %s as %s", out.uri, cfg.export.format)
+                result.export = export_after_run(cfg.export, out)
+            return result
         except CapfiltError:
             raise
         except Exception as e:  # a full disk, a read-only folder, an object store that says 403

@@ -168,6 +168,10 @@ def run(
 
             shutdown_local_ray()  # no Ray worker of this run outlives it
     print_summary(result, console)
+    if result.export is not None:
+        x = result.export
+        console.print(f"export ({x.format}): {x.totals['written']:,} of {x.totals['rows_in']:,} rows in "
+                      f"{len(x.shards)} shard(s): {x.train_data or x.dest}", highlight=False, soft_wrap=True)
 
 
 def _log_to_stderr() -> None:

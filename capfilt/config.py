@@ -316,6 +316,25 @@ class SafetyConfig(Strict):
     min_detection: float = Field(0.25, ge=0, le=1)
 
 
+class ExportConfig(Strict):
+    """Export the output after the run (the final step of ``capfilt run``), as ``capfilt export`` does.
+
+    Attributes:
+        format: ``webdataset`` (one ``NAME.tar`` per shard part: ``KEY.jpg``/``.txt``/``.json``) or
+            ``hf-parquet`` (one ``NAME.parquet`` per part, ``image`` as HF ``Image``); ``none``: no export.
+        to: the destination folder (local or ``s3://...``), outside the output; ``None``: beside the
+            output, named ``OUT-webdataset`` / ``OUT-hf-parquet``.
+        all_rows: every row with an image, not only the rows the filter kept.
+
+    Not part of the recipe's identity: changing it never blocks a resume, and a rerun of a complete
+    run only finishes the export.
+    """
+
+    format: Literal["none", "webdataset", "hf-parquet"] = "none"
+    to: str | None = None
+    all_rows: bool = False
+
+
 class OutputConfig(Strict):
     """Shard layout. ``rows_per_shard`` input rows go to one shard (img2dataset's number_sample_per_shard)."""
 
@@ -393,6 +412,7 @@ class PipelineConfig(Strict):
     score: ScoreConfig = ScoreConfig()
     select: SelectConfig = SelectConfig()
     output: OutputConfig = OutputConfig()
+    export: ExportConfig = ExportConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
@@ -418,6 +438,7 @@ class PipelineConfig(Strict):
         d = self.model_dump(mode="json")
         d.pop("resources", None)
         d.pop("description", None)
+        d.pop("export", None)  # an export after the run does not change the shards
         d["download"].pop("thread_count", None)
         for sec in ("caption", "score"):
             d[sec].pop("batch_size", None)
