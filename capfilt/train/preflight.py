@@ -18,8 +18,9 @@ OFFLINE_RECIPES: dict[str, tuple[str, ...]] = {
     "blip2": ("tiny-blip2-stage1", "tiny-blip2-stage2"),
 }
 
-#: Recipe fields (:class:`capfilt.train.config.TrainModelConfig`) that name a checkpoint to load.
-MODEL_FIELDS = ("captioner", "filter", "blip2", "tokenizer", "qformer_from")
+#: Recipe fields (:class:`capfilt.train.config.TrainModelConfig`) that name a checkpoint with weights.
+#: (``tokenizer`` is left to the loader: a tokenizer-only cache entry has no weights to find.)
+MODEL_FIELDS = ("captioner", "filter", "blip2", "qformer_from")
 
 
 def offline_advice(task: str) -> str:
