@@ -325,6 +325,8 @@ class ExportConfig(Strict):
         to: the destination folder (local or ``s3://...``), outside the output; ``None``: beside the
             output, named ``OUT-webdataset`` / ``OUT-hf-parquet``.
         all_rows: every row with an image, not only the rows the filter kept.
+        rows_per_file: split each shard part into files of at most this many of its rows
+            (``NAME_0000.tar``, ...); ``None``: one file per part (``output.rows_per_shard`` rows).
 
     Not part of the recipe's identity: changing it never blocks a resume, and a rerun of a complete
     run only finishes the export.
@@ -333,6 +335,7 @@ class ExportConfig(Strict):
     format: Literal["none", "webdataset", "hf-parquet"] = "none"
     to: str | None = None
     all_rows: bool = False
+    rows_per_file: int | None = Field(None, ge=1)
 
 
 class OutputConfig(Strict):

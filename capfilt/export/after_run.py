@@ -59,4 +59,5 @@ def export_after_run(cfg: Any, out: Location, on_shard: Any = None) -> Any:
         return None
     from capfilt.export.job import export_output
 
-    return export_output(out.uri, cfg.format, dest.uri, all_rows=cfg.all_rows, on_shard=on_shard)
+    return export_output(out.uri, cfg.format, dest.uri, all_rows=cfg.all_rows, on_shard=on_shard,
+                         rows_per_file=cfg.rows_per_file)
