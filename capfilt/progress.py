@@ -103,7 +103,8 @@ class RunProgress:
         counts = self.stage_counts() or {}
         if not counts:
             return ""
-        names = [n for n in self.stages if n in counts] + sorted(set(counts) - set(self.stages))
+        names = self.stages + sorted(set(counts) - set(self.stages))  # stages not reached yet show 0
+        counts = {n: counts.get(n, (0, 0)) for n in names}
         todo = max(0, self.total - self.done_before)
         elapsed = time.monotonic() - self.start
         parts = [f"{n} {counts[n][1]:,}/{todo:,} ({rate_text(counts[n][1], elapsed)})" for n in names]
