@@ -72,13 +72,17 @@ def _hub_cached(repo_id: str, revision: str | None) -> bool:
     return cached("config.json") and any(cached(w) for w in WEIGHT_FILES)
 
 
-def how_to_provide(model_id: str) -> str:
-    """The one-paragraph advice appended to every :class:`ModelLoadError` about ``model_id``."""
-    return (f"To provide it: on a machine with internet run `hf download {model_id}` (older huggingface_hub: "
+def how_to_provide(model_id: str, run: bool = True) -> str:
+    """The one-paragraph advice appended to every :class:`ModelLoadError` about ``model_id``
+    (``run=False``: without the ``capfilt run`` preset advice, for training recipes)."""
+    head = (f"To provide it: on a machine with internet run `hf download {model_id}` (older huggingface_hub: "
             f"`huggingface-cli download {model_id}`) and copy the Hugging Face cache (~/.cache/huggingface/hub, "
-            f"or $HF_HOME/hub) to this machine; or save the model to a "
-            f"local directory, point `id:` at that directory in a preset YAML (copy one from models/) and pass "
-            f"`--models PATH.yaml`; or use `--models tiny` for an offline smoke test with random weights.")
+            f"or $HF_HOME/hub) to this machine")
+    if not run:
+        return head + "; or save the model to a local directory and set the recipe's model id to that directory."
+    return (head + "; or save the model to a local directory, point `id:` at that directory in a preset YAML "
+            "(copy one from models/) and pass `--models PATH.yaml`; or use `--models tiny` for an offline smoke "
+            "test with random weights.")
 
 
 def resolve_checkpoint(model_id: str, builder: str | None = None, revision: str | None = None) -> ResolvedModel:
@@ -255,7 +259,8 @@ def check_hub_model(model_id: str, revision: str | None, role: str, advice: str 
         model_id: Hub repo id (``Salesforce/blip-itm-base-coco``).
         revision: branch, tag or commit; ``None``: ``main``.
         role: what the model is for, in the message (``captioner``, ``filter``, ...).
-        advice: a sentence appended to the message (e.g. the recipes that need no download).
+        advice: a sentence appended to the message (e.g. the training recipes that need no download);
+            when given, the ``capfilt run`` preset advice is left out.
 
     Raises:
         ModelLoadError: not cached and offline, or the Hub cannot be reached or has no such model.
@@ -263,7 +268,7 @@ def check_hub_model(model_id: str, revision: str | None, role: str, advice: str 
     if _hub_cached(model_id, revision):
         return
     rev = f" at revision {revision}" if revision else ""
-    tail = how_to_provide(model_id) + (f" {advice}" if advice else "")
+    tail = how_to_provide(model_id, run=not advice) + (f" {advice}" if advice else "")
     if hub_offline():
         raise ModelLoadError(f"the {role} model {model_id!r}{rev} is not in the Hugging Face cache and "
                              f"HF_HUB_OFFLINE is set, so it cannot be downloaded. " + tail)

@@ -29,5 +29,6 @@ def test_train_blip_without_network_fails_fast_naming_offline_recipes(tmp_path):
     assert "Traceback" not in text
     assert "Salesforce/blip-image-captioning-base" in text and "cannot be reached" in text
     assert "--recipe tiny-blip-pretrain" in text and "models/shapes/captioner" in text
+    assert "--models tiny" not in text  # capfilt run's advice does not apply to training
     assert not (tmp_path / "ckpt").exists()  # checked before the output is touched
     assert took < 60, f"took {took:.0f} s"  # the process start (torch, transformers) is most of it
