@@ -27,12 +27,22 @@ def test_default_output_is_in_the_temporary_folder(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_demo_without_output_leaves_the_current_folder_alone(tmp_path):
-    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    import shutil
+    import tempfile
+
+    cwd = tmp_path / "cwd"
     cwd.mkdir()
-    tmp.mkdir()
-    r = subprocess.run([sys.executable, "-m", "capfilt.cli", "demo", "--world", "photos"], cwd=cwd,
-                       capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    tmp = Path(tempfile.mkdtemp(prefix="cfd-", dir="/tmp"))  # short: Ray's sockets live under TMPDIR too
+    try:
+        r = subprocess.run([sys.executable, "-m", "capfilt.cli", "demo", "--world", "photos"], cwd=cwd,
+                           capture_output=True, text=True, timeout=900,
+                           env=dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+        _check(r, cwd, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check(r: subprocess.CompletedProcess, cwd: Path, tmp: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert list(cwd.iterdir()) == []
     outs = [p for p in tmp.iterdir() if p.name.startswith("capfilt-demo-")]
