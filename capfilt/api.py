@@ -25,7 +25,7 @@ from capfilt.io.writer import committed_keys, scan_output
 from capfilt.output import check_not_file, check_overlap, identity, prepare_output, run_id_of, start_record
 from capfilt.plan import Source, fingerprints, inspect_source, plan_shards
 from capfilt.progress import RunProgress
-from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray
+from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray, stage_counter
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import specs_table, stream_blocks
 from capfilt.stages.registry import (build_stages, filter_models, finish_run, known_stages, model_roles, output_schema,
@@ -71,6 +71,7 @@ class RunResult:
     parts_written: int
     parts_skipped: int
     resumed: bool
+    export: Any = None  # capfilt.export.job.ExportResult when the recipe's export section asked for one
 
 
 def resolve(opts: RunOptions) -> tuple[PipelineConfig, ModelPreset | None]:
@@ -119,11 +120,18 @@ def run(opts: RunOptions) -> RunResult:
         resolved["filters"] = filters
     ident = identity(cfg, preset, [locate(i).uri for i in opts.inputs], src.files, fingerprints(src))
     check_not_file(out)
+    from capfilt.export.after_run import export_after_run, export_destination
+
+    export_destination(cfg.export, out)  # an export after the run: its folder and package checked now
     if _executor(opts, cfg) == "ray":  # start (or join) Ray before the output folder is touched
         init_ray(opts.ray_address)
     with OutputLease(out):
         try:
-            return _run_leased(opts, cfg, preset, out, src, ident, t0, resolved)
+            result = _run_leased(opts, cfg, preset, out, src, ident, t0, resolved)
+            if cfg.export.format != "none":
+                log.info("exporting %s as %s", out.uri, cfg.export.format)
+                result.export = export_after_run(cfg.export, out)
+            return result
         except CapfiltError:
             raise
         except Exception as e:  # a full disk, a read-only folder, an object store that says 403
@@ -168,18 +176,21 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     t_exec = time.time()
     # under Ray a shard streams through the stages in blocks of block_rows and is committed whole
     table = specs_table(stream_blocks(specs, block_rows(cfg)) if executor == "ray" else specs)
+    counter = stage_counter(executor)  # per-stage rows for the progress lines
     try:
-        stream = run_ray(table, plans, opts.ray_address, opts.progress) if executor == "ray" else run_local(table, plans)
+        stream = (run_ray(table, plans, opts.ray_address, opts.progress, getattr(counter, "name", None))
+                  if executor == "ray" else run_local(table, plans, counter))
         written: dict[str, dict] = {}  # by part name: two blocks finishing a shard at once both commit it
         done_rows = total_rows - sum(s.pending for s in specs)
-        with RunProgress(total_rows, done_rows, opts.progress_every) as progress:
+        with RunProgress(total_rows, done_rows, opts.progress_every, [p.stage.name for p in plans],
+                         counter.snapshot) as progress:
             for batch in stream:
                 for s in batch.column("stats").to_pylist():
                     st = json.loads(s)
                     if st["name"] not in written:
                         written[st["name"]] = st
                         progress.add(st)
-        log.info(progress.line())
+        progress.log_lines()
         exec_seconds = time.time() - t_exec
         flush_staging(out, schema, run_id, known_stages(), compression)  # a shard whose blocks never all arrived
         reconcile_parts(out, run_id, known_stages())
@@ -196,6 +207,8 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     except Exception as e:
         _try_record(out, record.failed(storage_error(e) or f"{type(e).__name__}: {shorten(one_line(e), 500)}"))
         raise
+    finally:
+        getattr(counter, "close", lambda: None)()
     wall = time.time() - t0
     record = record.finished(totals, len(written), wall, exec_seconds, len(keys), len(set(keys)))
     write_run_record(out, record)

@@ -151,20 +151,27 @@ def run(
                       ray_address=ray_address, executor=executor, overwrite=overwrite, progress=progress,
                       progress_every=progress_every)
     _log_to_stderr()
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    try:
-        result = api_run(opts)
-    except CapfiltError as e:
-        _fail(e)
-    except KeyboardInterrupt as e:
-        err_console.print("[yellow]interrupted[/]: committed shards are kept; rerun the same command to resume.")
-        raise typer.Exit(143 if isinstance(e, Terminated) else 130)  # 128 + SIGTERM / SIGINT
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        from capfilt.runner import shutdown_local_ray
+    from capfilt.stderr_filter import StderrFilter
 
-        shutdown_local_ray()  # no Ray worker of this run outlives it
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    with StderrFilter():  # Ray's alarming-but-harmless lines become one explanation each
+        try:
+            result = api_run(opts)
+        except CapfiltError as e:
+            _fail(e)
+        except KeyboardInterrupt as e:
+            err_console.print("[yellow]interrupted[/]: committed shards are kept; rerun the same command to resume.")
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130)  # 128 + SIGTERM / SIGINT
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            from capfilt.runner import shutdown_local_ray
+
+            shutdown_local_ray()  # no Ray worker of this run outlives it
     print_summary(result, console)
+    if result.export is not None:
+        x = result.export
+        console.print(f"export ({x.format}): {x.totals['written']:,} of {x.totals['rows_in']:,} rows in "
+                      f"{len(x.shards)} shard(s): {x.train_data or x.dest}", highlight=False, soft_wrap=True)
 
 
 def _log_to_stderr() -> None:
@@ -191,7 +198,9 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 @app.command()
 def demo(
-    output: Annotated[str, typer.Option(help="Output folder for the demo run.")] = "capfilt-demo",
+    output: Annotated[Optional[str], typer.Option(help="Output folder for the demo run (default: capfilt-demo-USER "
+                                                  "in the system's temporary folder, not the current one; the "
+                                                  "path is printed first).")] = None,
     world: Annotated[str, typer.Option(help="shapes: the synthetic shapes world with labelled web noise and models "
                                        "capfilt trained on it; photos: the bundled real photos.")] = "shapes",
     models: Annotated[Optional[str], typer.Option(help="Model preset (default: shapes for the shapes world, the "
@@ -204,7 +213,7 @@ def demo(
     from capfilt.demo import run_demo
 
     try:
-        run_demo(Path(output), models=models, pipeline=pipeline, overwrite=overwrite, console=console, world=world,
+        run_demo(Path(output) if output else None, models=models, pipeline=pipeline, overwrite=overwrite, console=console, world=world,
                  rows=rows)
     except CapfiltError as e:
         _fail(e)

@@ -354,6 +354,28 @@ class SafetyConfig(Strict):
         return self
 
 
+class ExportConfig(Strict):
+    """Export the output after the run (the final step of ``capfilt run``), as ``capfilt export`` does.
+
+    Attributes:
+        format: ``webdataset`` (one ``NAME.tar`` per shard part: ``KEY.jpg``/``.txt``/``.json``) or
+            ``hf-parquet`` (one ``NAME.parquet`` per part, ``image`` as HF ``Image``); ``none``: no export.
+        to: the destination folder (local or ``s3://...``), outside the output; ``None``: beside the
+            output, named ``OUT-webdataset`` / ``OUT-hf-parquet``.
+        all_rows: every row with an image, not only the rows the filter kept.
+        rows_per_file: split each shard part into files of at most this many of its rows
+            (``NAME_0000.tar``, ...); ``None``: one file per part (``output.rows_per_shard`` rows).
+
+    Not part of the recipe's identity: changing it never blocks a resume, and a rerun of a complete
+    run only finishes the export.
+    """
+
+    format: Literal["none", "webdataset", "hf-parquet"] = "none"
+    to: str | None = None
+    all_rows: bool = False
+    rows_per_file: int | None = Field(None, ge=1)
+
+
 class OutputConfig(Strict):
     """Shard layout and streaming unit.
 
@@ -470,6 +492,7 @@ class PipelineConfig(Strict):
     select: SelectConfig = SelectConfig()
     semdedup: SemDedupConfig = SemDedupConfig()
     output: OutputConfig = OutputConfig()
+    export: ExportConfig = ExportConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
@@ -498,6 +521,7 @@ class PipelineConfig(Strict):
         d = self.model_dump(mode="json")
         d.pop("resources", None)
         d.pop("description", None)
+        d.pop("export", None)  # an export after the run does not change the shards
         d["download"].pop("thread_count", None)
         for sec in ("caption", "score"):
             d[sec].pop("batch_size", None)

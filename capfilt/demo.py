@@ -16,6 +16,7 @@ Two worlds:
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import tempfile
 import threading
@@ -93,12 +94,25 @@ def shapes_image_size() -> int:
     return IMAGE_SIZE
 
 
-def run_demo(output: Path, models: str | None = None, pipeline: str = "blip", overwrite: bool = True,
+def default_demo_output() -> Path:
+    """Where ``capfilt demo`` writes without ``--output``: ``capfilt-demo-USER`` in the system's temporary
+    folder (``TMPDIR``, else ``/tmp``), never the current folder; a rerun replaces it."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers)
+        user = str(os.getuid())
+    return Path(tempfile.gettempdir()) / f"capfilt-demo-{user}"
+
+
+def run_demo(output: Path | None = None, models: str | None = None, pipeline: str = "blip", overwrite: bool = True,
              console: Console | None = None, progress: bool = True, world: str = "shapes",
              rows: int = SHAPES_DEMO_ROWS):
     """Serve the demo data on 127.0.0.1, run ``pipeline`` with ``models`` into ``output``, print a summary.
 
     Args:
+        output: the output folder; ``None``: :func:`default_demo_output`. Printed first either way.
         world: ``shapes`` (labelled synthetic web pairs, ``shapes`` preset by default) or ``photos``
             (the bundled photos, ``tiny`` preset by default); see the module docstring.
         rows: image-text pairs of the shapes world.
@@ -117,6 +131,9 @@ def run_demo(output: Path, models: str | None = None, pipeline: str = "blip", ov
         raise ConfigError(f"unknown demo world {world!r}: shapes or photos")
     models = models or ("shapes" if world == "shapes" else "tiny")
     console = console or Console()
+    output = Path(output) if output is not None else default_demo_output()
+    console.print(f"demo output: {output.resolve()}  (choose another folder with --output)", highlight=False,
+                  soft_wrap=True)
     tmp = Path(tempfile.mkdtemp(prefix="capfilt-demo-"))
     try:
         shapes = world == "shapes"

@@ -9,7 +9,12 @@ while a long shard is in flight::
     (failed_to_download 200, too_small 12); stage time: download 71 %, write 29 %
 
 The stage-time shares (summed worker seconds per stage, from the parts' ``seconds``) show which
-stage the run is waiting on.
+stage the run is waiting on. When the executor counts rows per stage (:func:`capfilt.runner.stage_counter`),
+a second line follows with each stage's rows done / total and rate, and the stage the rows are
+piling up in front of (Ray Data's backpressure)::
+
+    stages: read 6,000/10,000 (81.0 rows/s), download 4,000/10,000 (54.0 rows/s), caption 3,000/10,000
+    (40.5 rows/s), ..., write 3,000/10,000 (40.5 rows/s); waiting on stage caption (1,000 rows queued or in progress)
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger("capfilt.progress")
@@ -49,9 +55,14 @@ class RunProgress:
         total_rows: rows the run must write (all attempts).
         done_rows: rows already committed by earlier attempts (not counted in the rate).
         every_s: seconds between lines; ``0`` logs only on :meth:`close`.
+        stages: stage names in pipeline order, for the per-stage line.
+        stage_counts: returns ``{stage: (rows started, rows done)}`` of this attempt
+            (:func:`capfilt.runner.stage_counter`'s ``snapshot``); ``None``: no per-stage line.
     """
 
-    def __init__(self, total_rows: int, done_rows: int = 0, every_s: float = EVERY_S):
+    def __init__(self, total_rows: int, done_rows: int = 0, every_s: float = EVERY_S,
+                 stages: Sequence[str] = (), stage_counts: Callable[[], dict[str, tuple[int, int]]] | None = None):
+        self.stages, self.stage_counts = list(stages), stage_counts
         self.total, self.done_before = total_rows, done_rows
         self.rows = 0
         self.parts = 0
@@ -76,7 +87,36 @@ class RunProgress:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
-            log.info(self.line())
+            self.log_lines()
+
+    def log_lines(self) -> None:
+        """Log the progress line and, when stages are counted, the per-stage line."""
+        log.info(self.line())
+        stage_line = self.stage_line()
+        if stage_line:
+            log.info(stage_line)
+
+    def stage_line(self) -> str:
+        """Per-stage rows done / total and rows/s, and the stage rows wait in front of; ``""`` without counts."""
+        if self.stage_counts is None:
+            return ""
+        counts = self.stage_counts() or {}
+        if not counts:
+            return ""
+        names = self.stages + sorted(set(counts) - set(self.stages))  # stages not reached yet show 0
+        counts = {n: counts.get(n, (0, 0)) for n in names}
+        todo = max(0, self.total - self.done_before)
+        elapsed = time.monotonic() - self.start
+        parts = [f"{n} {counts[n][1]:,}/{todo:,} ({rate_text(counts[n][1], elapsed)})" for n in names]
+        out = "stages: " + ", ".join(parts)
+        # backpressure: the stage with most rows that reached it (done by the stage before) and not left it
+        waiting = [(counts[prev][1] - counts[n][1], counts[prev][1] - counts[n][0], n)
+                   for prev, n in zip(names, names[1:])]
+        held, queued, name = max(waiting, default=(0, 0, ""))
+        if held > 0:
+            out += (f"; waiting on stage {name} ({held:,} rows: {max(queued, 0):,} queued, "
+                    f"{held - max(queued, 0):,} in progress)")
+        return out
 
     def add(self, stats: dict[str, Any]) -> None:
         """Count one committed part (its ``.stats.json`` content)."""

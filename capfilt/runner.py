@@ -46,8 +46,13 @@ class ResourceError(CapfiltError):
     """A stage asks for resources the Ray cluster does not have (raised before any work)."""
 
 
-def run_local(specs: pa.Table, plans: list[StagePlan]) -> Iterator[pa.Table]:
+def run_local(specs: pa.Table, plans: list[StagePlan], counter: StageCounter | None = None) -> Iterator[pa.Table]:
     """Run every stage in this process, one shard spec at a time.
+
+    Args:
+        specs: one row per shard spec.
+        plans: stages in order.
+        counter: per-stage row counts for the progress lines (:func:`stage_counter`); ``None``: none.
 
     Yields:
         The last stage's output for each shard (the sink's stats rows).
@@ -57,7 +62,7 @@ def run_local(specs: pa.Table, plans: list[StagePlan]) -> Iterator[pa.Table]:
     for i in range(specs.num_rows):
         t = specs.slice(i, 1)
         for p in plans:
-            t = p.stage(t)
+            t = _counted_call(p.stage, t, counter.add if counter is not None else None)
             if t.num_rows == 0:
                 break
         yield t
@@ -102,12 +107,134 @@ def actor_threads(plan: StagePlan, plans: list[StagePlan], node_cpus: int) -> in
     return max(1, math.ceil(r.num_cpus), int(round(share)))
 
 
-def _actor_class(stage: Stage, threads: int | None = None) -> type:
+class StageCounter:
+    """Rows that entered (``started``) and left (``done``) each stage so far, for the progress lines.
+
+    Thread-safe. The same class counts in this process (``--executor local``) and, wrapped by
+    ``ray.remote``, as one small named actor (no CPU) that the Ray stage wrappers report to.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}
+
+    def add(self, stage: str, started: int, done: int) -> None:
+        """Count ``started`` rows entering and ``done`` rows leaving ``stage`` (either may be 0)."""
+        with self._lock:
+            c = self._counts.setdefault(stage, [0, 0])
+            c[0] += started
+            c[1] += done
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """``{stage name: (rows started, rows done)}`` now."""
+        with self._lock:
+            return {k: (v[0], v[1]) for k, v in self._counts.items()}
+
+
+def _counted_call(stage: Stage, batch: pa.Table, report: Any) -> pa.Table:
+    """``stage(batch)``, reporting rows in and out to ``report(stage, started, done)`` (``None``: no report).
+
+    A ``fanout`` stage turns one spec into a shard's rows: it counts its output rows when done. A
+    ``sink`` turns rows into one stats row: it counts its input rows. Every other stage keeps its
+    rows, so it counts its input rows when it starts and its output rows when it ends.
+    """
+    if report is None:
+        return stage(batch)
+    if stage.shape != "fanout":
+        _safe_report(report, stage.name, batch.num_rows, 0)
+    out = stage(batch)
+    if stage.shape == "fanout":
+        _safe_report(report, stage.name, out.num_rows, out.num_rows)
+    else:
+        _safe_report(report, stage.name, 0, batch.num_rows if stage.shape == "sink" else out.num_rows)
+    return out
+
+
+def _safe_report(report: Any, name: str, started: int, done: int) -> None:
+    """Progress counting is best effort: it never fails a block."""
+    try:
+        report(name, started, done)
+    except Exception as e:  # noqa: BLE001 - a lost counter actor must not cost a shard
+        log.debug("stage progress count lost: %s", e)
+
+
+#: Per worker process: counter actor handles by name.
+_COUNTER_HANDLES: dict[str, Any] = {}
+
+
+def _ray_reporter(name: str | None) -> Any:
+    """In a Ray worker: a ``report(stage, started, done)`` that sends to the counter actor ``name``."""
+    if name is None:
+        return None
+
+    def report(stage: str, started: int, done: int) -> None:
+        """Fire-and-forget one count to the driver's counter actor."""
+        import ray
+
+        h = _COUNTER_HANDLES.get(name)
+        if h is None:
+            h = _COUNTER_HANDLES[name] = ray.get_actor(name)
+        h.add.remote(stage, started, done)
+
+    return report
+
+
+class RayStageCounter:
+    """Driver side of the Ray stage counter: the actor, its snapshot, and its end.
+
+    Args:
+        name: the actor's name (unique per run).
+    """
+
+    def __init__(self, name: str):
+        import ray
+
+        self.name = name
+        self.actor = ray.remote(num_cpus=0, max_restarts=0)(StageCounter).options(name=name).remote()
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """``{stage: (started, done)}``; empty when the actor cannot answer within 5 s."""
+        import ray
+
+        try:
+            return ray.get(self.actor.snapshot.remote(), timeout=5)
+        except Exception as e:  # noqa: BLE001 - Ray shut down, actor lost: no stage line this time
+            log.debug("stage counter unavailable: %s", e)
+            return {}
+
+    def close(self) -> None:
+        """Stop the actor (stage wrappers still reporting to it lose their counts, harmlessly)."""
+        import ray
+
+        try:
+            ray.kill(self.actor)
+        except Exception:  # noqa: BLE001 - Ray already shut down
+            pass
+
+
+def stage_counter(executor: str) -> StageCounter | RayStageCounter:
+    """A per-stage row counter for one run: in process (``local``) or a named Ray actor (``ray``, Ray
+    already initialised); :func:`run_ray` given its ``name`` makes the stage wrappers report to it.
+
+    Returns:
+        An object with ``snapshot() -> {stage: (rows started, rows done)}``.
+    """
+    if executor != "ray":
+        return StageCounter()
+    import uuid
+
+    return RayStageCounter(f"capfilt-stage-counter-{uuid.uuid4().hex[:12]}")
+
+
+def _actor_class(stage: Stage, threads: int | None = None, counter: str | None = None) -> type:
     """A Ray Data actor class for ``stage``: set up once per actor, then called per block.
 
     The stage travels inside the class definition rather than as a constructor argument in the
     object store, so restarted actors (Ray restarts dead actors by default) can always rebuild it.
-    ``threads``: torch threads of the actor (:func:`set_torch_threads`), set before ``setup``.
+    ``threads``: torch threads of the actor (:func:`set_torch_threads`), set before ``setup``;
+    ``counter``: name of the run's :class:`RayStageCounter` actor (``None``: no per-stage counts).
     """
 
     class _ActorStage:
@@ -116,19 +243,21 @@ def _actor_class(stage: Stage, threads: int | None = None) -> type:
                 set_torch_threads(threads)
             self.stage = stage
             self.stage.setup()
+            self.report = _ray_reporter(counter)
 
         def __call__(self, batch: pa.Table) -> pa.Table:
-            return self.stage(batch)
+            return _counted_call(self.stage, batch, self.report)
 
     _ActorStage.__name__ = _ActorStage.__qualname__ = f"{stage.name.capitalize()}Actor"
     return _ActorStage
 
 
-def _task_fn(stage: Stage):
+def _task_fn(stage: Stage, counter: str | None = None):
+
     def fn(batch: pa.Table) -> pa.Table:
         """Run the task stage on one block (setup is idempotent and cheap)."""
         stage.setup()  # task stages keep setup idempotent and cheap
-        return stage(batch)
+        return _counted_call(stage, batch, _ray_reporter(counter))
 
     fn.__name__ = f"{stage.name}"
     return fn
@@ -437,7 +566,7 @@ def prepare_ray(plans: list[StagePlan], address: str | None = None) -> list[Stag
 
 
 def map_stages(ds: Any, plans: list[StagePlan], cluster: dict, num_shards: int, env: dict[str, str] | None,
-               actor_pool: type, task_pool: type, node_cpus: int | None = None) -> Any:
+               actor_pool: type, task_pool: type, node_cpus: int | None = None, counter: str | None = None) -> Any:
     """Chain one ``ds.map_batches`` per stage, as each stage's shape and resources ask.
 
     Args:
@@ -449,6 +578,7 @@ def map_stages(ds: Any, plans: list[StagePlan], cluster: dict, num_shards: int, 
         actor_pool / task_pool: ``ray.data.ActorPoolStrategy`` / ``TaskPoolStrategy`` (or fakes).
         node_cpus: cores of the largest node, for the actors' torch threads (:func:`actor_threads`);
             default: the cluster's CPUs.
+        counter: name of the run's :class:`RayStageCounter` actor the stages report rows to.
 
     Returns:
         The dataset after the last stage.
@@ -469,7 +599,7 @@ def map_stages(ds: Any, plans: list[StagePlan], cluster: dict, num_shards: int, 
             # Ray Data restarts dead actors and retries their tasks by default (max_restarts=-1,
             # max_task_retries=-1); tasks are retried after a lost worker too (max_retries=-1).
             threads = actor_threads(p, plans, node_cpus) if p.stage.shape == "actor_pool" else None
-            ds = ds.map_batches(_actor_class(p.stage, threads), compute=actor_pool(min_size=lo, max_size=hi),
+            ds = ds.map_batches(_actor_class(p.stage, threads, counter), compute=actor_pool(min_size=lo, max_size=hi),
                                 **common)
         else:
             if r.concurrency is not None:  # a cap on parallel tasks; a [min, max] range caps at max
@@ -478,12 +608,12 @@ def map_stages(ds: Any, plans: list[StagePlan], cluster: dict, num_shards: int, 
             # max_calls=0 (unlimited worker reuse, Ray's default for CPU tasks) is set explicitly so that
             # Ray Data never fuses a task stage into the next model actor: task stages must scale on
             # their own, not inside an actor pool.
-            ds = ds.map_batches(_task_fn(p.stage), max_calls=0, **common)
+            ds = ds.map_batches(_task_fn(p.stage, counter), max_calls=0, **common)
     return ds
 
 
 def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
-            progress: bool = True) -> Iterator[pa.Table]:
+            progress: bool = True, counter: str | None = None) -> Iterator[pa.Table]:
     """Run the stages as one streaming Ray Data job.
 
     Args:
@@ -491,6 +621,8 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
         plans: stages in order: a ``fanout`` first, a ``sink`` last.
         address: Ray address (``auto``, ``ray://host:10001``) or ``None`` for ``RAY_ADDRESS``/local.
         progress: show Ray Data's progress bars.
+        counter: name of a :class:`RayStageCounter` actor (:func:`stage_counter`) that the stages
+            report their rows to, for per-stage progress lines.
 
     Model stages get an actor pool of ``concurrency`` (``[min, max]`` autoscales; unset: one
     actor, or up to one per ``num_gpus`` share of the cluster's GPUs), never more actors than
@@ -523,5 +655,5 @@ def run_ray(specs: pa.Table, plans: list[StagePlan], address: str | None = None,
     # one block per shard spec, built in the driver (no remote metadata tasks)
     ds = ray.data.from_items(specs.to_pylist(), override_num_blocks=specs.num_rows)
     ds = map_stages(ds, plans, cluster, specs.num_rows, _stage_env(), ActorPoolStrategy, TaskPoolStrategy,
-                    node_cpus)
+                    node_cpus, counter)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -43,13 +43,17 @@ def register(app: typer.Typer) -> None:
         = "webdataset",
         all_rows: Annotated[bool, typer.Option("--all", help="Export every row with an image, not only the rows "
                                                "the filter kept.")] = False,
+        rows_per_file: Annotated[Optional[int], typer.Option(
+            help="Split each shard part of OUT into files of at most this many of its rows (NAME_0000.tar, "
+                 "NAME_0001.tar, ...); default: one file per part, as large as the run's --rows-per-shard.",
+            min=1)] = None,
     ) -> None:
         """Export a capfilt output as WebDataset tars or HF Parquet, one shard per committed part."""
         from capfilt.export.job import export_output
 
         console, err = Console(), Console(stderr=True)
         try:
-            result = export_output(out, fmt, to, all_rows=all_rows,  # type: ignore[arg-type]
+            result = export_output(out, fmt, to, all_rows=all_rows, rows_per_file=rows_per_file,  # type: ignore[arg-type]
                                    on_shard=lambda s: err.print(
                                        f"{s.name}: {s.stats['written']:,} of {s.stats['rows_in']:,} rows"
                                        + ("" if s.written_now else " (already done)"), highlight=False))

@@ -2,7 +2,8 @@
 
 Layout of ``DEST`` (local or ``s3://...``):
 
-- ``NAME.tar`` / ``NAME.parquet``: one shard per committed source part, named after it;
+- ``NAME.tar`` / ``NAME.parquet``: one shard per committed source part, named after it (with
+  ``rows_per_file``: ``NAME_0000.tar``, ``NAME_0001.tar``, ... each holding a slice of its rows);
 - ``_stats/NAME.stats.json``: that shard's counts, written last (the same stats-last rule as
   :mod:`capfilt.io.writer`): a shard without it is redone on the next export;
 - ``_capfilt/export.json``: what is being exported (source, format, options) and, once finished,
@@ -31,7 +32,7 @@ from capfilt.io.writer import META_DIR, STATS_DIR, STATS_SUFFIX, write_json
 #: The export's own record inside ``DEST/_capfilt/``.
 EXPORT_JSON = "export.json"
 #: Shard names the export writes at the top of ``DEST`` (nothing else there is ever deleted).
-SHARD_RE = re.compile(r"^(\d{5}(?:-\d{6})?)\.(tar|parquet)$")
+SHARD_RE = re.compile(r"^(\d{5}(?:-\d{6})?(?:_\d{4})?)\.(tar|parquet)$")
 
 
 def read_json(loc: Location) -> Any:

@@ -121,7 +121,8 @@ def _prepare_dest(src: Source, dest: Location, fmt: str, all_rows: bool) -> dict
 
 
 def export_output(out: str, fmt: Format, to: str, all_rows: bool = False,
-                  on_shard: Callable[[ShardResult], None] | None = None) -> ExportResult:
+                  on_shard: Callable[[ShardResult], None] | None = None,
+                  rows_per_file: int | None = None) -> ExportResult:
     """Export the capfilt output ``out`` to ``to`` as WebDataset tars or HF Parquet, resumably.
 
     Args:
@@ -131,6 +132,9 @@ def export_output(out: str, fmt: Format, to: str, all_rows: bool = False,
             command skips the shards already done.
         all_rows: export every row with an image, not only the rows the filter kept.
         on_shard: called after each shard (written or found done), e.g. to print progress.
+        rows_per_file: split each source part into files of at most this many of its rows
+            (``NAME_0000.tar``, ``NAME_0001.tar``, ...; each committed and resumed on its own);
+            ``None``: one file per part, named after it. Changing it rewrites the destination's files.
 
     Returns:
         :class:`ExportResult` (per-shard counts, totals, skipped incomplete parts).
@@ -141,44 +145,68 @@ def export_output(out: str, fmt: Format, to: str, all_rows: bool = False,
     """
     if fmt not in FORMATS:
         raise OutputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if rows_per_file is not None and rows_per_file < 1:
+        raise OutputError(f"--rows-per-file must be at least 1, not {rows_per_file}")
     src = open_source(out)
     try:
         dest = locate(to)
     except ValueError as e:
         raise OutputError(f"--to {to}: {e}") from None
     try:
-        return _export(src, dest, fmt, all_rows, on_shard)
+        return _export(src, dest, fmt, all_rows, on_shard, rows_per_file)
     except OSError as e:
         why = storage_error(e) or shorten(one_line(e), 300)
         raise OutputError(f"cannot write the export to {dest.uri}: {why}. Fix the destination and rerun the same "
                           f"command: the shards already committed there are kept.") from None
 
 
+def _files(src: Source, part: SourcePart, rows_per_file: int | None) -> list[tuple[str, int | None, int | None]]:
+    """The destination files of ``part``: ``(name, first row, end row)``; one ``(part.name, None, None)``
+    without ``rows_per_file``."""
+    if not rows_per_file:
+        return [(part.name, None, None)]
+    n = part.rows if part.rows is not None else _footer_rows(src, part)
+    count = max(1, -(-n // rows_per_file))
+    return [(f"{part.name}_{i:04d}", i * rows_per_file, min(n, (i + 1) * rows_per_file)) for i in range(count)]
+
+
+def _footer_rows(src: Source, part: SourcePart) -> int:
+    """Rows of ``part`` from its Parquet footer (when its stats do not say)."""
+    import pyarrow.parquet as pq
+
+    with src.out.fs.open_input_file(part.path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 def _export(src: Source, dest: Location, fmt: str, all_rows: bool,
-            on_shard: Callable[[ShardResult], None] | None) -> ExportResult:
+            on_shard: Callable[[ShardResult], None] | None, rows_per_file: int | None = None) -> ExportResult:
     """:func:`export_output` once the source is open (storage errors propagate as ``OSError``)."""
     ext = FORMATS[fmt]
-    record = _prepare_dest(src, dest, fmt, all_rows)
+    record = {**_prepare_dest(src, dest, fmt, all_rows), "rows_per_file": rows_per_file}
     commit.clear_temporaries(dest)
     present = set(commit.top_files(dest))
-    names = {p.name for p in src.parts}
+    plan = [(part, f) for part in src.parts for f in _files(src, part, rows_per_file)]
+    names = {f[0] for _, f in plan}
     removed = []
-    for f in sorted(present):
+    for f in sorted(present):  # files of parts that are gone, or of another rows_per_file
         m = SHARD_RE.match(f)
         if m and m.group(2) == ext and m.group(1) not in names:
             commit.remove_shard(dest, m.group(1), ext)
             removed.append(m.group(1))
 
     results: list[ShardResult] = []
-    for part in src.parts:
+    for part, (name, start, stop) in plan:
         expect = {"export_version": EXPORT_VERSION, "format": fmt, "all_rows": all_rows,
                   "source": {"name": part.name, "size": part.size, "rows": part.rows}}
-        stats = commit.is_done(dest, part.name, ext, expect, present)
+        if rows_per_file:
+            expect.update(rows_per_file=rows_per_file, source_rows=[start, stop])
+        stats = commit.is_done(dest, name, ext, expect, present)
         now = stats is None
         if now:
-            stats = commit.commit_shard(dest, part.name, ext, _writer(src, part, fmt, all_rows), expect)
-        _check_counts(f"{src.out.uri}/{part.name}.parquet", stats, part.rows)
-        results.append(ShardResult(part.name, stats, now))
+            stats = commit.commit_shard(dest, name, ext, _writer(src, part, fmt, all_rows, start, stop), expect)
+        where = f"{src.out.uri}/{part.name}.parquet" + (f" rows {start}-{stop}" if start is not None else "")
+        _check_counts(where, stats, part.rows if start is None else stop - start)
+        results.append(ShardResult(name, stats, now))
         if on_shard:
             on_shard(results[-1])
 
@@ -207,14 +235,33 @@ def _export(src: Source, dest: Location, fmt: str, all_rows: bool,
     return result
 
 
-def _writer(src: Source, part: SourcePart, fmt: str, all_rows: bool):
-    """The function that writes ``part``'s shard into a stream and returns its counts."""
+def _writer(src: Source, part: SourcePart, fmt: str, all_rows: bool, start: int | None = None,
+            stop: int | None = None):
+    """The function that writes ``part``'s shard (its rows ``start:stop``; ``None``: all) into a stream
+    and returns its counts."""
     default_ext = src.encode_format
+
+    def rows():
+        """The part's record batches, cut to ``start:stop``."""
+        batches = iter_batches(src, part)
+        return batches if start is None else _slice(batches, start, stop)
 
     def write(stream) -> dict:
         """Write the shard into the open output ``stream``; returns its counts (rows in, written, filtered)."""
         if fmt == "webdataset":
-            return webdataset.write_tar(iter_batches(src, part), stream, all_rows, default_ext)
-        return hf.write_parquet(iter_batches(src, part), stream, schema_of(src, part), all_rows, default_ext)
+            return webdataset.write_tar(rows(), stream, all_rows, default_ext)
+        return hf.write_parquet(rows(), stream, schema_of(src, part), all_rows, default_ext)
 
     return write
+
+
+def _slice(batches, start: int, stop: int):
+    """The rows ``start:stop`` of a stream of record batches (batches past ``stop`` are not read)."""
+    pos = 0
+    for b in batches:
+        lo, hi = max(start - pos, 0), min(stop - pos, b.num_rows)
+        if hi > lo:
+            yield b.slice(lo, hi - lo)
+        pos += b.num_rows
+        if pos >= stop:
+            return

@@ -46,8 +46,12 @@ def hub_offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _looks_local(model_id: str) -> bool:
+def looks_local(model_id: str) -> bool:
+    """Whether ``model_id`` names a local folder (a path prefix, or it exists) rather than a Hub repo."""
     return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().exists()
+
+
+_looks_local = looks_local
 
 
 def _local_weights(folder: Path) -> bool:
@@ -68,13 +72,17 @@ def _hub_cached(repo_id: str, revision: str | None) -> bool:
     return cached("config.json") and any(cached(w) for w in WEIGHT_FILES)
 
 
-def how_to_provide(model_id: str) -> str:
-    """The one-paragraph advice appended to every :class:`ModelLoadError` about ``model_id``."""
-    return (f"To provide it: on a machine with internet run `hf download {model_id}` (older huggingface_hub: "
+def how_to_provide(model_id: str, run: bool = True) -> str:
+    """The one-paragraph advice appended to every :class:`ModelLoadError` about ``model_id``
+    (``run=False``: without the ``capfilt run`` preset advice, for training recipes)."""
+    head = (f"To provide it: on a machine with internet run `hf download {model_id}` (older huggingface_hub: "
             f"`huggingface-cli download {model_id}`) and copy the Hugging Face cache (~/.cache/huggingface/hub, "
-            f"or $HF_HOME/hub) to this machine; or save the model to a "
-            f"local directory, point `id:` at that directory in a preset YAML (copy one from models/) and pass "
-            f"`--models PATH.yaml`; or use `--models tiny` for an offline smoke test with random weights.")
+            f"or $HF_HOME/hub) to this machine")
+    if not run:
+        return head + "; or save the model to a local directory and set the recipe's model id to that directory."
+    return (head + "; or save the model to a local directory, point `id:` at that directory in a preset YAML "
+            "(copy one from models/) and pass `--models PATH.yaml`; or use `--models tiny` for an offline smoke "
+            "test with random weights.")
 
 
 def resolve_checkpoint(model_id: str, builder: str | None = None, revision: str | None = None) -> ResolvedModel:
@@ -237,21 +245,42 @@ def _check_available(spec: ModelSpec, preset: ModelPreset, role: str) -> None:
                                  f"({' or '.join(WEIGHT_FILES[::2])}); save it with save_pretrained(). "
                                  + how_to_provide(spec.id))
         return
-    if _hub_cached(spec.id, spec.revision):
+    check_hub_model(spec.id, spec.revision, role)
+
+
+def check_hub_model(model_id: str, revision: str | None, role: str, advice: str = "") -> None:
+    """Check that a Hub model is in the Hugging Face cache, or that the Hub has it, without downloading.
+
+    Cached: returns at once. Not cached: fails at once when ``HF_HUB_OFFLINE`` is set, else asks the
+    Hub once (``HfApi.model_info``, timeout :data:`HUB_PROBE_TIMEOUT` seconds, ``HF_ENDPOINT``
+    honoured), where ``from_pretrained`` would retry for minutes without a network.
+
+    Args:
+        model_id: Hub repo id (``Salesforce/blip-itm-base-coco``).
+        revision: branch, tag or commit; ``None``: ``main``.
+        role: what the model is for, in the message (``captioner``, ``filter``, ...).
+        advice: a sentence appended to the message (e.g. the training recipes that need no download);
+            when given, the ``capfilt run`` preset advice is left out.
+
+    Raises:
+        ModelLoadError: not cached and offline, or the Hub cannot be reached or has no such model.
+    """
+    if _hub_cached(model_id, revision):
         return
-    rev = f" at revision {spec.revision}" if spec.revision else ""
+    rev = f" at revision {revision}" if revision else ""
+    tail = how_to_provide(model_id, run=not advice) + (f" {advice}" if advice else "")
     if hub_offline():
-        raise ModelLoadError(f"the {role} model {spec.id!r}{rev} is not in the Hugging Face cache and "
-                             f"HF_HUB_OFFLINE is set, so it cannot be downloaded. " + how_to_provide(spec.id))
+        raise ModelLoadError(f"the {role} model {model_id!r}{rev} is not in the Hugging Face cache and "
+                             f"HF_HUB_OFFLINE is set, so it cannot be downloaded. " + tail)
     from huggingface_hub import HfApi
 
     try:
-        HfApi().model_info(spec.id, revision=spec.revision, timeout=HUB_PROBE_TIMEOUT)
+        HfApi().model_info(model_id, revision=revision, timeout=HUB_PROBE_TIMEOUT)
     except Exception as e:  # no network, DNS failure, 404, gated repo, invalid id
         detail = shorten(one_line(e), 200, "").rstrip(".")
-        raise ModelLoadError(f"the {role} model {spec.id!r}{rev} is not in the Hugging Face cache and the Hub "
+        raise ModelLoadError(f"the {role} model {model_id!r}{rev} is not in the Hugging Face cache and the Hub "
                              f"cannot be reached or does not have it ({type(e).__name__}: {detail}). "
-                             + how_to_provide(spec.id)) from None
+                             + tail) from None
 
 
 def require_role(preset: ModelPreset, role: str) -> ModelSpec:

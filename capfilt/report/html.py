@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
+from capfilt.report.keys import human_label, human_value
 from capfilt.report.layout import wall_seconds
 from capfilt.report.stats import truncation_line
 
@@ -279,15 +280,17 @@ def _run_block(run: dict[str, Any]) -> str:
         if run.get("missing_keys"):
             info.append(["missing from run.json", ", ".join(run["missing_keys"])])
         for k, v in _flatten(run.get("versions") or {}):
-            info.append([k, v])
+            info.append([human_label(f"versions.{k}"), v])
         stages = run.get("stages")
         for section in ("timings", "totals"):
             for k, v in _flatten(run.get(section) or {}):
                 if stages and k.startswith(("throughput.", "stage_seconds.")):
                     continue  # shown in the throughput table below
-                timing.append([f"{section}.{k}", _num(v) if isinstance(v, (int, float)) else v])
+                key = f"{section}.{k}"
+                shown = human_value(key, v)
+                timing.append([human_label(key), _num(shown) if isinstance(shown, (int, float)) else shown, key])
         left = _table(["recipe, models, versions", ""], info, cls="kv")
-        right = _table(["timings and totals", ""], timing, cls="kv") if timing else \
+        right = _table(["timings and totals", "", "run.json key"], timing, cls="kv") if timing else \
             '<p class="unavailable">No timings or totals in run.json (interrupted run?).</p>'
         parts.append(f'<div class="row"><div>{left}</div><div>{right}</div></div>')
         if isinstance(stages, dict) and stages:
@@ -297,7 +300,8 @@ def _run_block(run: dict[str, Any]) -> str:
                 for v in stages.values():
                     cols += [k for k, _ in _flatten(v) if k not in cols]
                 srows = [[name] + [dict(_flatten(v)).get(c) for c in cols] for name, v in stages.items()]
-                parts.append(_table(["stage"] + cols, srows, numeric=range(1, len(cols) + 1)))
+                parts.append(_table(["stage"] + [human_label(c) + (" (s)" if c == "seconds" else "") for c in cols],
+                                    srows, numeric=range(1, len(cols) + 1)))
             else:
                 parts.append(_table(["stage", "value"], [[k, v] for k, v in _flatten(stages)], numeric=[1]))
         if cfg:

@@ -293,6 +293,9 @@ def _train(recipe: TrainRecipe, data: str | Sequence[str], out: Path, dev: torch
            stop_after: int | None, resume: bool, overwrite: bool, echo: Callable[[str], None] | None) -> TrainResult:
     rank, world = _dist()
     tr, dc = recipe.train, recipe.data
+    from capfilt.train.preflight import preflight_recipe
+
+    preflight_recipe(recipe)  # no network: fail in seconds, not after minutes of Hub retries
     if recipe.preset:
         from capfilt.config import load_preset
 

@@ -62,6 +62,9 @@ def train_with_ray(recipe: TrainRecipe, data: str, output: str | Path, *, num_wo
 
     if ray_address is None and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray (as capfilt's runner does)
+    from capfilt.train.preflight import preflight_recipe
+
+    preflight_recipe(recipe)  # before Ray starts: fail in seconds without a network
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=True)
 

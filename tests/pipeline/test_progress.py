@@ -16,6 +16,7 @@ from tests.helpers.httpserver import photo_server
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "coco" / "images").glob("*.jpg"))[:4]
 LINE = re.compile(r"progress: ([\d,]+) / ([\d,]+) rows")
+STAGE = re.compile(r"(\w+) ([\d,]+)/[\d,]+ \(")
 
 
 def test_progress_line_counts_rate_eta_failures_and_stage_time():
@@ -47,3 +48,28 @@ def test_a_logged_run_prints_progress_lines_while_it_works(tmp_path, executor):
     done = [int(m.group(1).replace(",", "")) for m in lines]
     assert done == sorted(done) and done[-1] == n and {int(m.group(2)) for m in lines} == {n}
     assert "Total Progress: 0/?" not in r.stderr
+    # per-stage rows done / total and rate, while it works and at the end (issue 14)
+    stage_lines = [x for x in r.stderr.splitlines() if "capfilt: stages: " in x]
+    assert len(stage_lines) >= 3, r.stderr[-3000:]
+    per_stage = [dict((m.group(1), int(m.group(2))) for m in STAGE.finditer(x)) for x in stage_lines]
+    assert {"read", "download", "write"} <= set(per_stage[-1]) and set(per_stage[-1].values()) == {n}
+    assert all(f"/{n} (" in x and "rows/s)" in x for x in stage_lines)
+    # mid-run lines: some rows read but not yet downloaded, named as the stage the run waits on
+    assert any(0 < d.get("download", 0) < n or (d.get("read", 0) > d.get("download", 0)) for d in per_stage[:-1])
+    assert any("waiting on stage download" in x for x in stage_lines), "\n".join(stage_lines)
+    # Ray's alarming-but-harmless lines are not printed (issue 14)
+    assert "constructor arguments in the object store" not in r.stderr
+    assert "may hang forever" not in r.stderr
+
+
+def test_stage_line_names_rows_rates_and_the_stage_rows_wait_on():
+    counts = {"read": (30, 30), "download": (30, 20), "caption": (20, 5), "write": (5, 5)}
+    p = RunProgress(total_rows=40, done_rows=10, every_s=0, stages=["read", "download", "caption", "write"],
+                    stage_counts=lambda: counts)
+    line = p.stage_line()
+    assert re.fullmatch(r"stages: read 30/30 \([\d.,]+ rows/s\), download 20/30 \([\d.,]+ rows/s\), caption 5/30 "
+                        r"\([\d.,]+ rows/s\), write 5/30 \([\d.,]+ rows/s\); waiting on stage caption "
+                        r"\(15 rows: 0 queued, 15 in progress\)", line), line
+    counts.update(caption=(10, 5))
+    assert p.stage_line().endswith("waiting on stage caption (15 rows: 10 queued, 5 in progress)")
+    assert RunProgress(10, every_s=0).stage_line() == ""  # no counter: no stage line
