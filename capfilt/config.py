@@ -419,8 +419,9 @@ class StageResources(Strict):
 
     ``concurrency`` is a fixed count or ``[min, max]`` for an autoscaling actor pool. ``None``
     lets capfilt size it to the cluster (see :mod:`capfilt.runner`). ``num_gpus: auto`` (the
-    captioner's and scorer's default) means 0.5 GPU when the Ray cluster has GPUs, so the two
-    model stages share a device, and none on a CPU-only cluster: the same command runs on a
+    model stages' default) means 0.5 GPU when the Ray cluster has GPUs and two stages say
+    ``auto`` (the captioner and the scorer share a device), a whole GPU when one does (the fused
+    ``caption_score`` stage, or a recipe with one model stage), and none on a CPU-only cluster: the same command runs on a
     laptop and on a GPU cluster. ``threads`` is the torch thread count of an actor-pool stage's
     actors (Ray sets ``OMP_NUM_THREADS=1`` for fractional CPUs, so without it a model computes
     on one core); ``auto`` is :func:`capfilt.runner.actor_threads`'s rule.

@@ -55,12 +55,20 @@ def test_map_batches_arguments_per_stage():
                                "compute": TaskPool(size=3)}
     assert got["dedup"] == {**base, "batch_size": None, "num_cpus": 0.25,
                             "compute": ActorPool(min_size=1, max_size=1)}  # single_actor
-    # num_gpus auto -> 0.5 on a GPU cluster; pool up to one actor per share, at most one per shard
-    assert got["caption"] == {**base, "batch_size": None, "num_cpus": 0.5, "num_gpus": 0.5,
-                              "compute": ActorPool(min_size=1, max_size=3)}
+    # num_gpus auto -> a whole GPU when caption is the only auto stage (the score entry below was
+    # overridden to num_gpus 0); pool up to one actor per GPU
+    assert got["caption"] == {**base, "batch_size": None, "num_cpus": 0.5, "num_gpus": 1.0,
+                              "compute": ActorPool(min_size=1, max_size=2)}
     # an overridden entry replaces the default one (num_gpus 0); [1, 4] actors capped at 3 shards
     assert got["score"] == {**base, "batch_size": None, "num_cpus": 0.5, "compute": ActorPool(min_size=1, max_size=3)}
     assert got["select"] == got["write"] == {**base, "batch_size": None, "num_cpus": 0.25, "max_calls": 0}
+
+
+def test_auto_gpus_share_a_device_between_caption_and_score_and_give_the_fused_stage_one():
+    two = {p.stage.name: p.resources.num_gpus for p in _plans()}
+    assert two["caption"] == two["score"] == 0.5
+    fused = {p.stage.name: p.resources.num_gpus for p in _plans(**{"resources.fused": True})}
+    assert fused["caption_score"] == 1.0 and "caption" not in fused
 
 
 def test_runtime_env_and_callables():
