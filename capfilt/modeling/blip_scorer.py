@@ -234,13 +234,14 @@ class BlipScorer:
 
 
 def naive_scores(model: Any, processor: Any, image: Any, text: str, max_text_tokens: int = 35,
-                 itm_prefix_id: int | None = None) -> tuple[float, float]:
+                 itm_prefix_id: int | None = None, itc: bool = True) -> tuple[float, float]:
     """Reference: one full ``BlipForImageTextRetrieval`` forward per (image, text) and head.
 
     This is what the HF model card does (``model(**processor(images=image, text=text))``), run
     twice: ``use_itm_head=True`` (ITM) and ``False`` (ITC). It recomputes the vision transformer
     for every pair; used by the equivalence tests and ``benchmarks/bench_score.py``.
     ``itm_prefix_id``: the token that replaces ``[CLS]`` for ITM (``None``: ``[CLS]``, as the model card).
+    ``itc=False``: the ITM forward only (what the HF/LAVIS examples run to filter); the ITC value is NaN.
 
     Returns:
         ``(itm_probability, itc_cosine)`` as Python floats.
@@ -256,8 +257,8 @@ def naive_scores(model: Any, processor: Any, image: Any, text: str, max_text_tok
         if itm_prefix_id is not None:
             itm_inputs["input_ids"] = with_prefix(inputs["input_ids"], itm_prefix_id)
         itm_logits = model(**itm_inputs, use_itm_head=True).itm_score  # (1, 2)
-        itc = model(**inputs, use_itm_head=False).itm_score  # (1, 1)
-    return float(torch.softmax(itm_logits.float(), dim=-1)[0, 1]), float(itc.float()[0, 0])
+        cosine = float(model(**inputs, use_itm_head=False).itm_score.float()[0, 0]) if itc else float("nan")  # (1, 1)
+    return float(torch.softmax(itm_logits.float(), dim=-1)[0, 1]), cosine
 
 
 def resolve_filter_itm_prefix(spec: ModelSpec, preset: ModelPreset, setting: str = "auto") -> dict[str, Any]:
