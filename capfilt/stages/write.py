@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from capfilt.io.failures import fill_classes
 from capfilt.io.filesystem import Location, locate
 from capfilt.io.writer import STATS_DIR, STATS_SUFFIX, commit_part, part_name, scan_output
 from capfilt.schema import SCHEMA_VERSION, SUCCESS, conform
@@ -86,7 +87,7 @@ class ShardWriter(Stage):
         names, ids, rows, stats = [], [], [], []
         shard_col = batch.column("_shard").to_pylist()
         for shard_id in sorted(set(shard_col)):
-            part = batch.filter(pc.equal(batch.column("_shard"), shard_id))
+            part = fill_classes(batch.filter(pc.equal(batch.column("_shard"), shard_id)))
             offset = int(pc.min(part.column("_offset")).as_py())
             name = part_name(shard_id, offset)
             st = shard_stats(part, name, shard_id, self.run_id, self.stats_from)
