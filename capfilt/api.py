@@ -223,8 +223,6 @@ def _retry_failed(opts: RunOptions, cfg: PipelineConfig, ctx: RunContext, out: L
         stages = ([(RetryReadStage(out.uri), built[0][1])] + built[1:-1]
                   + [(RetryWriter(out.uri, ctx.schema, run_id, stats_from), built[-1][1])])
         plans = [StagePlan(stage, res) for stage, res in stages]
-        if executor == "ray":
-            prepare_ray(plans, opts.ray_address)
         stream = run_ray(specs, plans, opts.ray_address, opts.progress) if executor == "ray" else run_local(specs, plans)
         with RunProgress(sum(before.values()), 0, opts.progress_every) as progress:
             for batch in stream:

@@ -58,15 +58,20 @@ class FailureStats:
         """``(shard, row)`` of the example rows that have a stored image (read in the report's pass 2)."""
         return [(e["shard"], e["row"]) for ex in self.examples.values() for e in ex if e["has_image"]]
 
-    def section(self, rows: int) -> dict[str, Any]:
+    def section(self, rows: int, retries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The JSON section.
+
+        Args:
+            rows: rows read.
+            retries: the run record's ``retries`` (``--retry-failed`` passes, :func:`capfilt.retry.retry_entry`).
 
         Returns:
             ``failed`` (rows with a class), ``transient`` (of them, rows in a transient class),
             ``by_class`` (``[{class, count, share (of failed rows), transient, meaning}]``, most
             first), ``distinct_failing_domains``, ``top_domains`` (``[{domain, count, classes:
             {class: rows}}]``, the :data:`TOP_DOMAINS` with most failed rows) and ``examples``
-            (``{class: [{key, url, status, error_class, message, shard, row, has_image}]}``).
+            (``{class: [{key, url, status, error_class, message, shard, row, has_image}]}``), and
+            ``retries`` (the run record's, echoed: rows retried, ``before`` by class, ``after`` by outcome).
         """
         failed = sum(self.classes.values())
         by_domain: dict[str, Counter[str]] = {}
@@ -84,7 +89,20 @@ class FailureStats:
             "top_domains": [{"domain": d, "count": sum(cs.values()), "classes": dict(sorted(cs.items()))}
                             for d, cs in top],
             "examples": {c: self.examples[c] for c, _ in sorted(self.classes.items(), key=lambda kv: (-kv[1], kv[0]))},
+            "retries": list(retries or []),
         }
+
+
+def shown(f: dict[str, Any] | None) -> bool:
+    """Whether the report has a failures section: rows failed, or a retry ran."""
+    return bool(f and (f.get("failed") or f.get("retries")))
+
+
+def retry_lines(retries: list[dict[str, Any]]) -> list[str]:
+    """One line per ``--retry-failed`` pass: rows retried with their classes before, and the outcome after."""
+    fmt = lambda d: ", ".join(f"{k} {v:,}" for k, v in d.items()) or "none"  # noqa: E731
+    return [f"retry {i}: {r.get('rows', 0):,} rows ({fmt(r.get('before') or {})}) -> {fmt(r.get('after') or {})}; "
+            f"{r.get('parts_rewritten', 0):,} parts rewritten" for i, r in enumerate(retries, 1)]
 
 
 def section_html(f: dict[str, Any], thumbs: dict[str, str | None]) -> str:
@@ -95,10 +113,12 @@ def section_html(f: dict[str, Any], thumbs: dict[str, str | None]) -> str:
         thumbs: ``data:`` URIs of stored images by row key (rows without one show none).
     """
     e = lambda x: html.escape("" if x is None else str(x))  # noqa: E731
+    retried = ("<h3>Retries (--retry-failed)</h3><ul>" + "".join(f"<li>{e(x)}</li>" for x in retry_lines(f["retries"]))
+               + "</ul>") if f.get("retries") else ""
     if not f["failed"]:
-        return '<p class="unavailable">No failed rows.</p>'
+        return '<p class="unavailable">No failed rows.</p>' + retried
     parts = [f'<p class="note">{f["failed"]:,} of {f["rows"]:,} rows failed, in {len(f["by_class"])} class(es); '
-             f'{f["transient"]:,} are transient (worth <code>capfilt run ... --retry-failed</code>).</p>']
+             f'{f["transient"]:,} are transient (worth <code>capfilt run ... --retry-failed</code>).</p>', retried]
     rows = "".join(f'<tr><td><a href="#failures-{e(c["class"])}">{e(c["class"])}</a></td>'
                    f'<td class="n" data-v="{c["count"]}">{c["count"]:,}</td><td class="n">{c["share"]:.1%}</td>'
                    f'<td>{"yes" if c["transient"] else "no"}</td><td>{e(c["meaning"])}</td></tr>'

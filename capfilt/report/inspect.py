@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from capfilt.report.failures import retry_lines
 from capfilt.report.layout import wall_seconds
 from capfilt.report.stats import compute_report_data
 
@@ -128,6 +129,8 @@ def inspect_output(out: str | Path, console: Console | None = None, label_col: s
     console.print(overview_table(data))
     if data["failures"]["failed"]:
         console.print(failures_table(data["failures"]))
+    for line in retry_lines(data["failures"]["retries"]):
+        console.print(line, highlight=False, soft_wrap=True)
     if data.get("labels"):
         console.print(labels_table(data["labels"]))
         console.print(labels_summary(data["labels"]), highlight=False, soft_wrap=True)

@@ -472,7 +472,7 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
         "filter": scan.filter(),
         "captions": scan.captions(),
         "filters": scan.filters.section(scan.rows),
-        "failures": scan.failures.section(scan.rows),
+        "failures": scan.failures.section(scan.rows, (record or {}).get("retries")),
         "labels": None,
     }
     if labels is not None and scorer is not None:

@@ -5,6 +5,7 @@ the retry leaves an output that the same command completes."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -20,9 +21,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from rich.console import Console
 
 from capfilt.api import RunOptions, run
 from capfilt.config import ConfigError
+from capfilt.report.build import build_report
+from capfilt.report.inspect import inspect_output
 from tests.helpers.httpserver import ImageServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -137,6 +141,14 @@ def test_retry_failed_fetches_the_transient_rows_again_in_place(tmp_path):
         assert entry["parts_rewritten"] == 3 and entry["wanted"] == ["connect", "dns", "http_429", "http_5xx", "timeout"]
         assert record["status"] == "complete" and record["totals"]["status"]["success"] == 54
         assert not any((out / "_capfilt" / "retry").iterdir())
+        # the report and inspect show the retry, before and after
+        line = "retry 1: 18 rows (connect 6, http_5xx 12) -> success 18; 3 parts rewritten"
+        rep = build_report(out)
+        assert json.loads(Path(rep["files"]["json"]).read_text())["failures"]["retries"] == [entry]
+        assert f"<li>{html.escape(line)}</li>" in Path(rep["files"]["html"]).read_text()
+        con = Console(record=True, width=200)
+        inspect_output(out, console=con)
+        assert line in con.export_text()
 
         # a second retry finds nothing transient; asking for http_4xx fetches the 404s again (still 404)
         third = run(_opts(inp, out, retry_failed=["http_4xx"]))
@@ -195,3 +207,29 @@ def test_kill_during_retry_then_the_same_command_completes(tmp_path):
     record = json.loads((out / "_capfilt" / "run.json").read_text())
     assert record["status"] == "complete" and record["retries"][-1]["still_failed"] == 0
     assert not list(staged.iterdir())
+
+
+@pytest.mark.slow
+def test_retry_on_ray_runs_the_model_stages_on_the_retried_rows_only(tmp_path):
+    n = 20
+    with FlakyServer() as srv:
+        inp = _input(tmp_path, srv, n)
+        out = tmp_path / "out"
+        opts = dict(inputs=[str(inp)], output=str(out), pipeline="blip", models="tiny", executor="ray",
+                    progress=False, overrides={"download.allow_private_network": True, "output.rows_per_shard": 10,
+                                               "caption.num_captions": 2})
+        run(RunOptions(**opts))
+        before = {r["key"]: r for t in _parts(out).values() for r in t.to_pylist()}
+        transient = {k for k, r in before.items() if r["error_class"] in ("http_5xx", "connect")}
+        assert len(transient) == 6 and all(before[k]["synthetic_captions"] is None for k in transient)
+        result = run(RunOptions(**opts, retry_failed=["transient"]))
+    after = {r["key"]: r for t in _parts(out).values() for r in t.to_pylist()}
+    assert list(after) == list(before) and len(after) == n
+    for k, r in after.items():
+        if k in transient:  # downloaded, captioned, scored and selected now
+            assert r["status"] == "success" and len(r["synthetic_captions"]) == 2
+            assert len(r["synthetic_itm"]) == 2 and r["web_itm"] is not None and r["captions"] is not None
+        else:
+            assert r == before[k]
+    assert result.totals["status"] == {"failed_to_download": 2, "success": 18}
+    _check_output(out, inp)

@@ -62,7 +62,7 @@ def test_laion_failures_by_class_and_domain_everywhere(laion_out):
     text = _plain(con)
     assert re.search(rf"failures by class\s+{len(failed):,} \(", text)
     for c, n in by_class.items():
-        assert re.search(rf"  {c}( \(transient\))?\s+{n:,}\n", text), c
+        assert re.search(rf"  {c}( \(transient\))?\s+{n:,}\s", text), c
     assert "top failing domains" in text and re.search(rf"  {re.escape(top5[0][0])}\s+{top5[0][1]:,}", text)
 
     # capfilt inspect
