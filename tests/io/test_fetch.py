@@ -551,7 +551,8 @@ def test_next_checked_address_is_tried_when_one_refuses(server, monkeypatch, con
     # every address is checked before the first connection: one private address blocks the name
     blocked = fetch(url, DownloadConfig(timeout=1.0))
     assert blocked.status == schema.BLOCKED_ADDRESS
-    assert blocked.error_message == "host dual.test (::1) is a loopback address (pass --allow-private-network to allow it)"
+    assert blocked.error_message == ("host dual.test (::1) is a loopback address (pass --allow-private-network "
+                                     "to allow it)")
     assert len(connections) == 2
 
 
