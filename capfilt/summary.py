@@ -17,6 +17,10 @@ def print_summary(result, con: Console | None = None) -> None:
     for status, n in sorted(t["status"].items(), key=lambda kv: (kv[0] != "success", -kv[1])):
         table.add_row(f"  {status}", f"{n:,}")
     add_failure_rows(table, t)
+    retried = this_runs_retry(result.record)
+    if retried:
+        table.add_row("retried (--retry-failed)", f"{retried['rows']:,} rows: {retried['succeeded']:,} succeeded, "
+                                                  f"{retried['still_failed']:,} not")
     table.add_row("rows kept", f"{t['keep']:,}")
     tk = t.get("texts_kept", {})
     table.add_row("texts kept (web / synthetic)", f"{tk.get('web', 0):,} / {tk.get('synthetic', 0):,}")
@@ -51,6 +55,16 @@ def add_failure_rows(table: Table, totals: dict) -> None:
         table.add_row("top failing domains", "")
         for d, n in sorted(domains.items(), key=lambda kv: (-kv[1], kv[0]))[:SUMMARY_DOMAINS]:
             table.add_row(f"  {d}", f"{n:,}")
+
+
+def this_runs_retry(record) -> dict | None:
+    """The run record's ``retries`` entry made by the record's last attempt (``--retry-failed``), else None."""
+    retries = getattr(record, "retries", None) or []
+    attempts = getattr(record, "attempts", None) or []
+    if not retries or not attempts or attempts[-1].started is None:
+        return None
+    last = retries[-1]
+    return last if last.get("started", 0) >= attempts[-1].started else None
 
 
 def format_rate(v: float) -> str:

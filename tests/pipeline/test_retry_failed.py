@@ -27,6 +27,7 @@ from capfilt.api import RunOptions, run
 from capfilt.config import ConfigError
 from capfilt.report.build import build_report
 from capfilt.report.inspect import inspect_output
+from capfilt.summary import print_summary
 from tests.helpers.httpserver import ImageServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -141,6 +142,9 @@ def test_retry_failed_fetches_the_transient_rows_again_in_place(tmp_path):
         assert entry["parts_rewritten"] == 3 and entry["wanted"] == ["connect", "dns", "http_429", "http_5xx", "timeout"]
         assert record["status"] == "complete" and record["totals"]["status"]["success"] == 54
         assert not any((out / "_capfilt" / "retry").iterdir())
+        con = Console(record=True, width=200)
+        print_summary(second, con)
+        assert "retried (--retry-failed)" in con.export_text() and "18 rows: 18 succeeded, 0 not" in con.export_text()
         # the report and inspect show the retry, before and after
         line = "retry 1: 18 rows (connect 6, http_5xx 12) -> success 18; 3 parts rewritten"
         rep = build_report(out)
