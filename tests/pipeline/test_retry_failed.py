@@ -144,7 +144,8 @@ def test_retry_failed_fetches_the_transient_rows_again_in_place(tmp_path):
         assert not any((out / "_capfilt" / "retry").iterdir())
         con = Console(record=True, width=200)
         print_summary(second, con)
-        assert "retried (--retry-failed)" in con.export_text() and "18 rows: 18 succeeded, 0 not" in con.export_text()
+        text = con.export_text()
+        assert "retried (--retry-failed)" in text and "18 rows: 18 succeeded, 0 not" in text
         # the report and inspect show the retry, before and after
         line = "retry 1: 18 rows (connect 6, http_5xx 12) -> success 18; 3 parts rewritten"
         rep = build_report(out)
