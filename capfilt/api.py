@@ -25,6 +25,7 @@ from capfilt.io.writer import committed_keys, scan_output
 from capfilt.output import check_not_file, check_overlap, identity, prepare_output, run_id_of, start_record
 from capfilt.plan import Source, fingerprints, inspect_source, plan_shards
 from capfilt.progress import RunProgress
+from capfilt.retry import merge_staged, wanted_set
 from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray, stage_counter
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import specs_table, stream_blocks
@@ -44,7 +45,8 @@ class RunOptions:
     runs one streaming Ray Data job (local Ray unless ``ray_address``/``RAY_ADDRESS``); ``local``
     runs the stages in this process (model-free recipes, debugging). ``progress`` shows Ray's
     progress bars; ``progress_every`` is the seconds between progress lines in the log
-    (:mod:`capfilt.progress`; 0: only the last one).
+    (:mod:`capfilt.progress`; 0: only the last one). ``retry_failed``: after the run, fetch again the
+    rows whose failure class or status is listed (``[]``: the transient classes; :mod:`capfilt.retry`).
     """
 
     inputs: list[str]
@@ -57,6 +59,7 @@ class RunOptions:
     overwrite: bool = False
     progress: bool = True
     progress_every: float = 30.0
+    retry_failed: list[str] | None = None
 
 
 @dataclass
@@ -102,6 +105,11 @@ def run(opts: RunOptions) -> RunResult:
         raise ConfigError(f"--executor must be ray, local or auto, not {opts.executor!r}")
     # 1. check everything: recipe, inputs, models, output folder
     cfg, preset = resolve(opts)
+    if opts.retry_failed is not None:
+        wanted_set(opts.retry_failed)  # an unknown class or status is refused before any work
+        if cfg.source != "metadata" or not cfg.download.enabled:
+            raise ConfigError("--retry-failed fetches failed rows again, but this recipe downloads nothing (it "
+                              "reads an earlier output); run it with the recipe that made the output")
     out = locate(opts.output)
     check_overlap(opts.inputs, out)
     src = inspect_source(cfg, opts.inputs)
@@ -157,6 +165,8 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     flushed = flush_staging(out, schema, run_id, known_stages(), compression)  # blocks staged before a crash
     if reconcile_parts(out, run_id, known_stages()) or flushed:  # stale siblings of an earlier attempt
         parts = scan_output(out)[0]
+    if merge_staged(out, run_id_of(previous), known_stages())["parts"]:  # results of an interrupted retry
+        parts = scan_output(out)[0]
     resumed = bool(parts)
 
     # 2. plan what is left and build the stages
@@ -172,6 +182,8 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     record = start_record(out, run_id, ident, cfg, preset, opts.inputs, src.files, total_rows, previous, len(parts))
     if resolved:
         record = record.model_copy(update={"resolved": resolved})
+    if previous is not None and previous.retries:
+        record = record.model_copy(update={"retries": previous.retries})
     write_run_record(out, record)
     t_exec = time.time()
     # under Ray a shard streams through the stages in blocks of block_rows and is committed whole
@@ -191,8 +203,11 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
                         written[st["name"]] = st
                         progress.add(st)
         progress.log_lines()
-        exec_seconds = time.time() - t_exec
         flush_staging(out, schema, run_id, known_stages(), compression)  # a shard whose blocks never all arrived
+        if opts.retry_failed is not None:
+            retried = _retry_failed(opts, cfg, ctx, out, run_id, executor)
+            record = record.model_copy(update={"retries": list(record.retries or []) + [retried]})
+        exec_seconds = time.time() - t_exec
         reconcile_parts(out, run_id, known_stages())
         parts = scan_output(out)[0]
         keys = committed_keys(out, parts)
@@ -223,6 +238,35 @@ def block_rows(cfg: PipelineConfig) -> int:
     """Rows per streaming block of this recipe (:meth:`capfilt.config.OutputConfig.resolved_block_rows`)."""
     models = [s for s in (cfg.caption, cfg.score) if s.enabled]
     return cfg.output.resolved_block_rows(bool(models), max((s.batch_size for s in models), default=1))
+
+
+def _retry_failed(opts: RunOptions, cfg: PipelineConfig, ctx: RunContext, out: Location, run_id: str,
+                  executor: str) -> dict[str, Any]:
+    """Fetch the failed rows of ``opts.retry_failed`` again and merge the results into their parts
+    (:mod:`capfilt.retry`); returns the run record's ``retries`` entry."""
+    from capfilt.retry import RetryReadStage, RetryWriter, pick_rows, retry_entry
+
+    wanted = wanted_set(opts.retry_failed)
+    started = time.time()
+    specs, before = pick_rows(out, scan_output(out)[0], wanted)
+    log.info("retrying %d failed rows (%s) in %d parts", sum(before.values()),
+             ", ".join(f"{k} {v}" for k, v in before.most_common()) or "none", specs.num_rows)
+    if specs.num_rows:
+        built = build_stages(cfg, ctx)
+        stats_from = known_stages()
+        stages = ([(RetryReadStage(out.uri), built[0][1])] + built[1:-1]
+                  + [(RetryWriter(out.uri, ctx.schema, run_id, stats_from), built[-1][1])])
+        plans = [StagePlan(stage, res) for stage, res in stages]
+        stream = run_ray(specs, plans, opts.ray_address, opts.progress) if executor == "ray" else run_local(specs, plans)
+        with RunProgress(sum(before.values()), 0, opts.progress_every) as progress:
+            for batch in stream:
+                for s in batch.column("stats").to_pylist():
+                    progress.add(json.loads(s))
+        log.info("retry %s", progress.line())
+    entry = retry_entry(wanted, before, merge_staged(out, run_id, known_stages()), started)
+    log.info("retry: %d of %d rows succeeded, %d parts rewritten", entry["succeeded"], entry["rows"],
+             entry["parts_rewritten"])
+    return entry
 
 
 def _executor(opts: RunOptions, cfg: PipelineConfig) -> str:

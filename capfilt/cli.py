@@ -17,6 +17,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from capfilt.errors import CapfiltError
 from capfilt.summary import print_summary
@@ -71,7 +72,21 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-@app.command()
+class _RunCommand(TyperCommand):
+    """The ``run`` command: ``--retry-failed`` may be given without a value (then ``transient``)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        """Insert ``transient`` after a bare ``--retry-failed`` (last, or followed by another option)."""
+        args = list(args)
+        for i, a in enumerate(args):
+            if a == "--":
+                break
+            if a == "--retry-failed" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                args.insert(i + 1, "transient")
+        return super().parse_args(ctx, args)
+
+
+@app.command(cls=_RunCommand)
 def run(
     input: Annotated[list[str], typer.Option("--input", "-i", help="Input file(s) or folder(s): .parquet .csv "
                                              ".tsv .jsonl .txt; local or s3://, gs://. Repeat for several.")],
@@ -117,6 +132,11 @@ def run(
                                            "are logged either way.")] = True,
     progress_every: Annotated[float, typer.Option(help="Seconds between capfilt's progress lines (rows done / "
                                                   "total, rows/s, ETA, failures, stage time).", min=0)] = 30.0,
+    retry_failed: Annotated[Optional[str], typer.Option(
+        "--retry-failed", metavar="[CLASS_OR_STATUS,...]",
+        help="After the run, fetch again the failed rows of these error classes or statuses (comma-separated; "
+             "alone: transient = dns, connect, timeout, http_5xx, http_429) and replace them in their shards, "
+             "keys unchanged.")] = None,
 ) -> None:
     """Run a CapFilt pipeline: read -> download -> caption -> score -> select -> write shards.
 
@@ -149,7 +169,8 @@ def run(
     overrides.update({k: v for k, v in flags.items() if v is not None})
     opts = RunOptions(inputs=input, output=output, pipeline=pipeline, models=models, overrides=overrides,
                       ray_address=ray_address, executor=executor, overwrite=overwrite, progress=progress,
-                      progress_every=progress_every)
+                      progress_every=progress_every,
+                      retry_failed=None if retry_failed is None else [retry_failed])
     _log_to_stderr()
     from capfilt.stderr_filter import StderrFilter
 

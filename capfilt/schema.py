@@ -74,6 +74,8 @@ ID_FIELDS: list[pa.Field] = [
 DOWNLOAD_FIELDS: list[pa.Field] = [
     pa.field("status", pa.string(), nullable=False),
     pa.field("error_message", pa.string()),
+    # the failure's cause (capfilt.io.failures.CLASSES: dns, timeout, http_5xx, ...); null on success
+    pa.field("error_class", pa.string()),
     pa.field("image", pa.binary()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),

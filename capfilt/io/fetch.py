@@ -61,6 +61,7 @@ from urllib.request import url2pathname
 
 from capfilt import schema
 from capfilt.errors import row_message, shorten
+from capfilt.io.failures import classify
 from capfilt.io._img2dataset import preload
 
 #: Statuses after which another try could succeed.
@@ -107,6 +108,7 @@ class FetchResult:
         content_type: the final response's ``Content-Type`` header, if any.
         final_url: the URL the body came from (after redirects), if a request was made.
         tries: how many tries were made (0 when the URL was refused before connecting).
+        error_class: the failure's class (:data:`capfilt.io.failures.CLASSES`), ``None`` on success.
     """
 
     status: str
@@ -115,6 +117,7 @@ class FetchResult:
     content_type: str | None = None
     final_url: str | None = None
     tries: int = 0
+    error_class: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -123,13 +126,17 @@ class FetchResult:
 
 
 class FetchFailure(Exception):
-    """A fetch ended with a non-success status (internal; turned into a :class:`FetchResult`)."""
+    """A fetch ended with a non-success status (internal; turned into a :class:`FetchResult`).
 
-    def __init__(self, status: str, message: str, transient: bool = False):
+    ``error_class`` defaults to :func:`capfilt.io.failures.classify` of ``status`` and ``message``.
+    """
+
+    def __init__(self, status: str, message: str, transient: bool = False, error_class: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.transient = transient
+        self.error_class = error_class or classify(status, message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +302,8 @@ def resolve_addresses(host: str, port: int, allow_private_network: bool = False)
             reason = address_block_reason(addr)
             if reason is not None:
                 shown = host if host == addr else f"{host} ({addr})"
-                raise FetchFailure(schema.BLOCKED_ADDRESS, f"host {shown} is a {reason} address")
+                raise FetchFailure(schema.BLOCKED_ADDRESS, f"host {shown} is a {reason} address (pass "
+                                                                 f"--allow-private-network to allow it)")
     return addresses
 
 
@@ -358,7 +366,7 @@ def fetch(url: object, cfg, *, allow_private_network: bool | None = None) -> Fet
     try:
         clean = normalize_url(url, cfg.allow_file_urls)
     except FetchFailure as f:
-        return FetchResult(f.status, row_message(f.message))
+        return FetchResult(f.status, row_message(f.message), error_class=f.error_class)
     if clean.startswith("file:"):
         return _fetch_file(clean, cfg.max_bytes)
     if cfg.disallowed_header_directives:
@@ -375,7 +383,7 @@ def fetch(url: object, cfg, *, allow_private_network: bool | None = None) -> Fet
             if not f.transient:
                 break
     assert last is not None
-    return FetchResult(last.status, row_message(last.message), None, None, None, tries)
+    return FetchResult(last.status, row_message(last.message), None, None, None, tries, last.error_class)
 
 
 def _fetch_file(url: str, max_bytes: int) -> FetchResult:

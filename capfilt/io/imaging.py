@@ -76,6 +76,8 @@ class ImageResult:
         width, height: size of ``image`` in pixels.
         original_width, original_height: size of the upright decoded image before resizing
             (EXIF orientation applied, so a portrait photo stored sideways reports portrait).
+        error_class: the failure's class when the producer knew it (the fetcher's), else ``None``
+            (then :func:`capfilt.io.failures.classify` of status and message decides).
     """
 
     status: str
@@ -85,6 +87,7 @@ class ImageResult:
     height: int | None = None
     original_width: int | None = None
     original_height: int | None = None
+    error_class: str | None = None
 
 
 class ImageFailure(Exception):

@@ -64,6 +64,8 @@ class RunRecord(BaseModel):
         output: the output folder URI.
         versions: ``{package: version}`` of capfilt, Python and the main dependencies.
         attempts: one :class:`Attempt` per run of this folder, oldest first.
+        retries: one entry per ``--retry-failed`` pass, oldest first (:func:`capfilt.retry.retry_entry`:
+            rows retried, ``before`` by class, ``after`` by outcome, parts rewritten).
         totals: counters summed over the committed shards' stats (set at the end).
         timings: ``wall_seconds`` (all attempts), ``last_attempt_seconds``, ``stage_seconds``.
         stages: per-stage throughput (``rows``, ``seconds``, ``rows_per_s``...).
@@ -86,6 +88,7 @@ class RunRecord(BaseModel):
     output: str | None = None
     versions: dict[str, Any] | None = None
     attempts: list[Attempt] | None = None
+    retries: list[dict[str, Any]] | None = None
     totals: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
     stages: dict[str, Any] | None = None

@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from capfilt.report.keys import human_label, human_value
+from capfilt.report.failures import section_html
+from capfilt.report.failures import shown as shown_failures
 from capfilt.report.layout import wall_seconds
 from capfilt.report.stats import truncation_line
 
@@ -29,16 +31,20 @@ SECTIONS: list[tuple[str, str]] = [
 ]
 #: The section added after "Download health" when a curation filter ran (``data["filters"]``).
 FILTERS_SECTION: tuple[str, str] = ("filters", "Curation filters")
+#: The section added after "Download health" when rows failed or a retry ran (``data["failures"]``).
+FAILURES_SECTION: tuple[str, str] = ("failures", "Failures by class")
 #: The section added after "Filter" when the report evaluates the filter against labels (``--label-col``).
 LABELS_SECTION: tuple[str, str] = ("labels", "Filter vs labels")
 THUMB_PX = 240
 
 
 def sections(data: dict[str, Any]) -> list[tuple[str, str]]:
-    """``(id, heading)`` of this report's sections: :data:`SECTIONS`, plus :data:`FILTERS_SECTION`
-    after "Download health" when ``data["filters"]`` is set and :data:`LABELS_SECTION` after
+    """``(id, heading)`` of this report's sections: :data:`SECTIONS`, plus :data:`FAILURES_SECTION` after
+    "Download health" when rows failed, :data:`FILTERS_SECTION` after "Download health" when ``data["filters"]`` is set and :data:`LABELS_SECTION` after
     "Filter" when ``data["labels"]`` is set."""
     out = list(SECTIONS)
+    if shown_failures(data.get("failures")):
+        out.insert([sid for sid, _ in out].index("download") + 1, FAILURES_SECTION)
     if data.get("filters"):
         out.insert([sid for sid, _ in out].index("download") + 1, FILTERS_SECTION)
     if data.get("labels"):
@@ -635,6 +641,7 @@ def render_html(data: dict[str, Any], plots: dict[str, bytes], images: dict[str,
         "filter": _section_filter(data, plots),
         "labels": _section_labels(data, plots) if data.get("labels") else "",
         "filters": _section_filters(data, thumbs) if data.get("filters") else "",
+        "failures": section_html(data["failures"], thumbs) if shown_failures(data.get("failures")) else "",
         "captions": _section_captions(data, plots),
         "samples": _section_samples(data, thumbs),
     }

@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from capfilt.report.failures import retry_lines
 from capfilt.report.layout import wall_seconds
 from capfilt.report.stats import compute_report_data
 
@@ -56,6 +57,22 @@ def overview_table(data: dict[str, Any]) -> Table:
     wall = wall_seconds(run)
     if wall is not None:
         t.add_row("wall time", f"{wall:,.1f} s", f"{rows / wall:,.1f} rows/s" if wall else "")
+    return t
+
+
+def failures_table(f: dict[str, Any]) -> Table:
+    """The report's ``failures`` section (:mod:`capfilt.report.failures`) as a rich table: failed rows
+    by class (transient ones marked), then the top failing domains with their classes."""
+    t = Table(title=f"failures by class: {f['failed']:,} of {f['rows']:,} rows ({f['transient']:,} transient)",
+              show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_column(style="dim")
+    for c in f["by_class"]:
+        t.add_row(f"  {c['class']}", f"{c['count']:,}", f"{c['share']:.1%}" + (" transient" if c["transient"] else ""))
+    t.add_row(f"top failing domains (of {f['distinct_failing_domains']:,})", "", "")
+    for d in f["top_domains"]:
+        t.add_row(f"  {d['domain']}", f"{d['count']:,}", ", ".join(f"{c} {n:,}" for c, n in d["classes"].items()))
     return t
 
 
@@ -110,6 +127,10 @@ def inspect_output(out: str | Path, console: Console | None = None, label_col: s
     data = compute_report_data(str(out), samples=0, borderline=0, label_col=label_col,
                                label_positive=label_positive).data
     console.print(overview_table(data))
+    if data["failures"]["failed"]:
+        console.print(failures_table(data["failures"]))
+    for line in retry_lines(data["failures"]["retries"]):
+        console.print(line, highlight=False, soft_wrap=True)
     if data.get("labels"):
         console.print(labels_table(data["labels"]))
         console.print(labels_summary(data["labels"]), highlight=False, soft_wrap=True)

@@ -29,6 +29,7 @@ from capfilt.errors import OutputError
 from capfilt.io.filesystem import Location, locate
 from capfilt.io.writer import META_DIR
 from capfilt.report.accumulate import Moments, Reservoir, ScoreHist, TextStats, TopK
+from capfilt.report.failures import FailureStats
 from capfilt.report.filters import FilterStats, blur_flagged, read_details
 from capfilt.report.labels import LabelScores, check_label_column, label_report, label_scorer, split_values
 from capfilt.report.layout import ShardFile, config_get, find_shards, read_run_record, run_section
@@ -141,6 +142,7 @@ class Scan:
         self.reservoir = Reservoir(samples, seed)
         self.low_kept, self.high_dropped = TopK(borderline, largest=False), TopK(borderline, largest=True)
         self.filters = FilterStats()
+        self.failures = FailureStats()
 
     # ------------------------------------------------------------------ reading
     def add_shard(self, index: int, shard: ShardFile, loc: Location) -> None:
@@ -205,6 +207,7 @@ class Scan:
             self._add_removed(rb, cols, shard, offset, web_kept, syn_kept)
         self._add_texts(rb, cols)
         self.filters.add(rb, cols, shard, offset)
+        self.failures.add(rb, shard, offset)
         if self.labels is not None:
             self._add_labels(rb, cols, status)
         has_image = pc.equal(status, schema.SUCCESS).fill_null(False)
@@ -410,7 +413,8 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
         ``warnings``, ``columns``, ``overview``, ``download``, ``filter`` (None without score
         columns), ``captions`` (None without caption columns), ``labels`` (None without
         ``label_col`` or without readable shards; see :func:`capfilt.report.labels.label_report`),
-        ``filters`` (None when no curation filter ran; :mod:`capfilt.report.filters`),
+        ``filters`` (None when no curation filter ran; :mod:`capfilt.report.filters`), ``failures``
+        (failed rows by class and by domain, with examples; :mod:`capfilt.report.failures`),
         ``samples``, ``borderline``.
 
     Raises:
@@ -468,6 +472,7 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
         "filter": scan.filter(),
         "captions": scan.captions(),
         "filters": scan.filters.section(scan.rows),
+        "failures": scan.failures.section(scan.rows, (record or {}).get("retries")),
         "labels": None,
     }
     if labels is not None and scorer is not None:
@@ -477,7 +482,7 @@ def compute_report_data(out: str | Location, samples: int = 24, seed: int = 0, b
 
     # pass 2: the rows shown, image bytes included
     picks = {"samples": scan.reservoir.result(), "lowest_kept_web": scan.low_kept.result(),
-             "highest_dropped_web": scan.high_dropped.result()}
+             "highest_dropped_web": scan.high_dropped.result(), "failure_examples": scan.failures.image_picks()}
     removed = scan.filters.picks() if data["filters"] else set()
     rows = fetch_rows(loc, complete, {p for ps in picks.values() for p in ps} | removed, scan.primary, scan.selected,
                       warnings)

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from capfilt import schema
 from capfilt.config import DownloadConfig
 from capfilt.errors import row_message, shorten
+from capfilt.io.failures import class_counts, classify, domain_counts
 from capfilt.io.fetch import fetch
 from capfilt.io.imaging import ImageProcessor, ImageResult
 from capfilt.stages.base import Stage, column_or_nulls, set_column, set_field
@@ -34,7 +35,8 @@ class DownloadStage(Stage):
 
     ``__call__(batch)`` takes a ``pyarrow.Table`` with ``url`` (string, may be null or garbage)
     and returns the same rows in the same order with :data:`capfilt.schema.DOWNLOAD_FIELDS`
-    added (``status``, ``error_message``, ``image`` (binary, ``encode_format``), ``width``,
+    added (``status``, ``error_message``, ``error_class`` (:data:`capfilt.io.failures.CLASSES`,
+    null on success), ``image`` (binary, ``encode_format``), ``width``,
     ``height``, ``original_width``, ``original_height`` (int32 pixels), ``sha256`` (hex digest of
     the stored ``image`` bytes)) plus the internal ``_seconds_download`` (float64: the batch's
     wall seconds divided by its row count). A row whose ``status`` column already holds a
@@ -52,12 +54,21 @@ class DownloadStage(Stage):
         self.cfg = cfg
         self._processor = ImageProcessor(cfg)
 
-    @staticmethod
-    def stats(table: pa.Table) -> dict[str, Any]:
-        """``image_bytes``: bytes of the stored images of the shard."""
-        if "image" not in table.column_names:
-            return {"image_bytes": 0}
-        return {"image_bytes": int(pc.sum(pc.binary_length(table.column("image"))).as_py() or 0)}
+    #: Domains per shard kept in ``failed_domains`` (the most failures first).
+    STATS_DOMAINS: ClassVar[int] = 20
+
+    @classmethod
+    def stats(cls, table: pa.Table) -> dict[str, Any]:
+        """Per-shard counters: ``image_bytes`` (bytes of the stored images), ``error_class``
+        (``{class: rows}`` of failed rows) and ``failed_domains`` (``{domain: failed rows}`` of the
+        shard's :attr:`STATS_DOMAINS` most failing domains, so run totals are exact for a domain
+        that is among them in every shard, a lower bound otherwise)."""
+        if "status" not in table.column_names:
+            return {"image_bytes": 0, "error_class": {}, "failed_domains": {}}
+        image = (int(pc.sum(pc.binary_length(table.column("image"))).as_py() or 0)
+                 if "image" in table.column_names else 0)
+        return {"image_bytes": image, "error_class": class_counts(table),
+                "failed_domains": domain_counts(table, cls.STATS_DOMAINS)}
 
     @classmethod
     def throughput(cls, totals: dict[str, Any], seconds: float) -> dict[str, float]:
@@ -72,7 +83,7 @@ class DownloadStage(Stage):
         """Fetch and process one URL (thread-safe). Never raises for anything a URL/server can do."""
         got = fetch(url, self.cfg)
         if not got.ok:
-            return ImageResult(got.status, got.error_message)
+            return ImageResult(got.status, got.error_message, error_class=got.error_class)
         return self._processor(got.data, got.content_type)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -82,6 +93,7 @@ class DownloadStage(Stage):
         urls = batch.column("url").to_pylist()
         prior_status = column_or_nulls(batch, "status")
         prior_message = column_or_nulls(batch, "error_message")
+        prior_class = column_or_nulls(batch, "error_class")
         todo = [i for i in range(n) if prior_status[i] in (None, schema.SUCCESS)]
         results: list[ImageResult | None] = [None] * n
         if todo:
@@ -93,13 +105,14 @@ class DownloadStage(Stage):
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capfilt-download") as pool:
                     for i, res in zip(todo, pool.map(self._safe, [urls[i] for i in todo])):
                         results[i] = res
-        status, message, image, width, height, ow, oh, digest = ([] for _ in range(8))
+        status, message, klass, image, width, height, ow, oh, digest = ([] for _ in range(9))
         for i in range(n):
             r = results[i]
             if r is None:
-                r = ImageResult(prior_status[i], prior_message[i])
+                r = ImageResult(prior_status[i], prior_message[i], error_class=prior_class[i])
             status.append(r.status)
             message.append(row_message(r.error_message))
+            klass.append(r.error_class or classify(r.status, r.error_message))
             image.append(r.image)
             width.append(r.width)
             height.append(r.height)
@@ -107,7 +120,7 @@ class DownloadStage(Stage):
             oh.append(r.original_height)
             digest.append(hashlib.sha256(r.image).hexdigest() if r.image is not None else None)
         out = batch
-        for field, values in zip(self.fields, [status, message, image, width, height, ow, oh, digest]):
+        for field, values in zip(self.fields, [status, message, klass, image, width, height, ow, oh, digest]):
             out = set_field(out, field, values)
         seconds = (time.perf_counter() - start) / n if n else 0.0
         return set_column(out, "_seconds_download", pa.array([seconds] * n, type=pa.float64()))

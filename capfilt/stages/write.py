@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from capfilt.io.failures import fill_classes
 from capfilt.io.filesystem import Location, locate
 from capfilt.io.writer import (STATS_DIR, STATS_SUFFIX, commit_part, drop_staging, part_name, read_staged,
                                scan_output, stage_block, staged_blocks, staged_shards)
@@ -92,7 +93,7 @@ class ShardWriter(Stage):
         names, ids, rows, stats = [], [], [], []
         shard_col = batch.column("_shard").to_pylist()
         for shard_id in sorted(set(shard_col)):
-            part = batch.filter(pc.equal(batch.column("_shard"), shard_id))
+            part = fill_classes(batch.filter(pc.equal(batch.column("_shard"), shard_id)))
             if PART_ROWS in part.column_names:
                 expected = int(part.column(PART_ROWS)[0].as_py())
                 if part.num_rows < expected:

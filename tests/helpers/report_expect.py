@@ -191,6 +191,39 @@ def expected_report(out: Path, data: dict[str, Any]) -> dict[str, Any]:
         dl["per_shard"].append(e)
     exp["download"] = dl
 
+    # failures by class and domain, recomputed row by row (a row without error_class: classified from its message)
+    from urllib.parse import urlsplit
+
+    from capfilt.io.failures import TRANSIENT_CLASSES, classify
+
+    def domain(u: Any) -> str:
+        host = ((urlsplit(u.strip()).hostname or "") if isinstance(u, str) else "").lower()
+        return (host[4:] if host.startswith("www.") else host) or "(no host)"
+
+    shard_index = {p.name: j for j, p in enumerate(complete)}
+    klass = [r.get("error_class") or classify(r["status"], r.get("error_message")) for r in rows]
+    failed = [(r, c, i) for i, (r, c) in enumerate(zip(rows, klass)) if c is not None]
+    by_class = Counter(c for _, c, _ in failed)
+    by_domain: dict[str, Counter] = {}
+    for r, c, _ in failed:
+        by_domain.setdefault(domain(r["url"]), Counter())[c] += 1
+    top = sorted(by_domain.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:10]
+    examples: dict[str, list] = {}
+    for r, c, i in failed:
+        if len(examples.setdefault(c, [])) < 4:
+            examples[c].append({"shard": shard_index[shard_of[i][0]], "row": shard_of[i][1],
+                                "has_image": r.get("width") is not None})
+    exp["failures"] = {
+        "rows": n, "failed": len(failed), "transient": sum(v for k, v in by_class.items() if k in TRANSIENT_CLASSES),
+        "by_class": [{"count": v, "share": v / len(failed), "transient": k in TRANSIENT_CLASSES}
+                     for k, v in sorted(by_class.items(), key=lambda kv: (-kv[1], kv[0]))],
+        "distinct_failing_domains": len(by_domain),
+        "top_domains": [{"count": sum(cs.values()), "classes": dict(cs)} for _, cs in top],
+        "examples": examples, "retries": run.get("retries") or [],
+        "_names": ([k for k, _ in sorted(by_class.items(), key=lambda kv: (-kv[1], kv[0]))], [d for d, _ in top],
+                   {c: [rows[i]["key"] for _, cc, i in failed if cc == c][:4] for c in by_class}),
+    }
+
     if scorers:
         f: dict[str, Any] = {"thresholds": {s: select.get(f"{s}_threshold") for s in scorers if select.get(f"{s}_threshold") is not None},
                              "scores": {}, "removed": {}}
@@ -305,6 +338,10 @@ def check_report(out: Path, data: dict[str, Any], samples: int) -> int:
     assert [s["key"] for s in data["borderline"]["highest_dropped_web"]] == exp["_keys"]["highest_dropped_web"]
     assert data["filter"] is None if "filter" not in exp else data["filter"]["primary_scorer"] == exp["_primary"]
     assert (data["overview"]["rows_kept"] is not None) == exp["_selected"]
+    classes, domains, example_keys = exp["failures"].pop("_names")
+    assert [c["class"] for c in data["failures"]["by_class"]] == classes
+    assert [d["domain"] for d in data["failures"]["top_domains"]] == domains
+    assert {c: [e["key"] for e in ex] for c, ex in data["failures"]["examples"].items()} == example_keys
 
     got = {k: v for k, v in leaves(data).items() if not k.startswith("run.")}
     want = leaves({k: v for k, v in exp.items() if not k.startswith("_")})

@@ -192,7 +192,7 @@ def test_ipv6_loopback_refused_by_default_and_allowed_with_flag():
         url = f"http://[::1]:{httpd.server_address[1]}/pillow_hopper.jpg"
         refused = fetch(url, DownloadConfig(timeout=2))
         assert refused.status == schema.BLOCKED_ADDRESS
-        assert refused.error_message == "host ::1 is a loopback address"
+        assert refused.error_message == "host ::1 is a loopback address (pass --allow-private-network to allow it)"
         ok = fetch(url, cfg())
         assert ok.status == schema.SUCCESS and ok.data == HOPPER
     finally:
@@ -222,7 +222,7 @@ def test_redirect_to_loopback_is_refused_at_the_hop(server, monkeypatch):
     server.add_route("/to-loopback", to_loopback)
     r = fetch(server.url("to-loopback"), DownloadConfig(timeout=2))
     assert r.status == schema.BLOCKED_ADDRESS
-    assert r.error_message == "host 127.0.0.1 is a loopback address"
+    assert r.error_message == "host 127.0.0.1 is a loopback address (pass --allow-private-network to allow it)"
     assert server.hits["/to-loopback"] == 1
     assert server.hits.get("/redirect-target-hopper.jpg", 0) == 0
 
@@ -551,7 +551,8 @@ def test_next_checked_address_is_tried_when_one_refuses(server, monkeypatch, con
     # every address is checked before the first connection: one private address blocks the name
     blocked = fetch(url, DownloadConfig(timeout=1.0))
     assert blocked.status == schema.BLOCKED_ADDRESS
-    assert blocked.error_message == "host dual.test (::1) is a loopback address"
+    assert blocked.error_message == ("host dual.test (::1) is a loopback address (pass --allow-private-network "
+                                     "to allow it)")
     assert len(connections) == 2
 
 
@@ -567,7 +568,7 @@ def test_public_name_with_a_private_second_address_is_refused(monkeypatch, conne
     monkeypatch.setattr(socket, "getaddrinfo", fake)
     r = fetch("http://rebind.test/latest/meta-data/", DownloadConfig(timeout=1.0))
     assert (r.status, r.error_message) == (schema.BLOCKED_ADDRESS,
-                                           "host rebind.test (169.254.169.254) is a link-local address")
+                                           "host rebind.test (169.254.169.254) is a link-local address (pass --allow-private-network to allow it)")
     assert connections == []
 
 

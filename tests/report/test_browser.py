@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from capfilt.report import build_report
-from capfilt.report.html import LABELS_SECTION, SECTIONS, sections
+from capfilt.report.html import LABELS_SECTION, sections
 from tests.helpers.report_fixture import make_output
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -57,9 +57,19 @@ def test_report_renders_in_chromium(tmp_path, browser, recipe):
     browser.get(html.as_uri())
 
     headings = [h.text for h in browser.find_elements("css selector", "section > h2")]
-    assert headings == [title for _sid, title in SECTIONS]
-    for sid, _title in SECTIONS:
+    assert headings == [title for _sid, title in sections(data)]
+    for sid, _title in sections(data):
         assert browser.find_element("id", sid).is_displayed()
+    fail = data["failures"]
+    assert fail["failed"] > 0 and headings.index("Failures by class") == headings.index("Download health") + 1
+    section = browser.find_element("id", "failures")
+    assert len(section.find_elements("css selector", "#failures-by-class tbody tr")) == len(fail["by_class"])
+    tables = section.find_elements("css selector", "table.failure-examples")
+    assert [t.get_attribute("data-class") for t in tables] == list(fail["examples"])
+    last = fail["by_class"][-1]["class"]  # click through to its examples
+    section.find_element("css selector", f'a[href="#failures-{last}"]').click()
+    assert browser.execute_script("return location.hash") == f"#failures-{last}"
+    assert browser.find_element("id", f"failures-{last}").is_displayed()
 
     plots = browser.execute_script(
         "return Array.from(document.querySelectorAll('img.plot')).map(i => [i.dataset.plot, i.complete, i.naturalWidth, i.naturalHeight])")

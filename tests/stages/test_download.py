@@ -68,6 +68,8 @@ def test_mixed_batch_keeps_rows_order_and_types(server):
     assert rows[7]["error_message"] == "empty body (0 bytes)"
     assert rows[8]["error_message"] == "not an image (HTML page, served as image/jpeg)"
     assert rows[9]["error_message"] == "image is 4,364,696,535 px, over the limit of 89,478,485"
+    assert [r["error_class"] for r in rows] == [None, "bad_url", "bad_url", "http_4xx", None, "bad_url", None,
+                                                "decode", "decode", "too_large"]
     for r in rows:
         if r["status"] == schema.SUCCESS:
             assert r["error_message"] is None
@@ -85,14 +87,14 @@ def test_default_config_refuses_private_addresses(server):
     urls = [server.url("photos/524_316.jpg"), "http://10.0.0.1/x.jpg", "http://169.254.169.254/",
             "http://[::1]/x.jpg", "file:///etc/passwd", "ftp://example.com/x.jpg", "javascript:alert(1)"]
     out = DownloadStage(DownloadConfig(timeout=1.0))(_batch(urls)).to_pylist()
-    assert [(r["status"], r["error_message"]) for r in out] == [
-        (schema.BLOCKED_ADDRESS, "host 127.0.0.1 is a loopback address"),
-        (schema.BLOCKED_ADDRESS, "host 10.0.0.1 is a private address"),
-        (schema.BLOCKED_ADDRESS, "host 169.254.169.254 is a link-local address"),
-        (schema.BLOCKED_ADDRESS, "host ::1 is a loopback address"),
-        (schema.INVALID_URL, "file:// URLs are not allowed (allow_file_urls is off)"),
-        (schema.INVALID_URL, "unsupported scheme 'ftp' (only http/https)"),
-        (schema.INVALID_URL, "unsupported scheme 'javascript' (only http/https)"),
+    assert [(r["status"], r["error_message"], r["error_class"]) for r in out] == [
+        (schema.BLOCKED_ADDRESS, "host 127.0.0.1 is a loopback address (pass --allow-private-network to allow it)", "blocked_address"),
+        (schema.BLOCKED_ADDRESS, "host 10.0.0.1 is a private address (pass --allow-private-network to allow it)", "blocked_address"),
+        (schema.BLOCKED_ADDRESS, "host 169.254.169.254 is a link-local address (pass --allow-private-network to allow it)", "blocked_address"),
+        (schema.BLOCKED_ADDRESS, "host ::1 is a loopback address (pass --allow-private-network to allow it)", "blocked_address"),
+        (schema.INVALID_URL, "file:// URLs are not allowed (allow_file_urls is off)", "bad_url"),
+        (schema.INVALID_URL, "unsupported scheme 'ftp' (only http/https)", "bad_url"),
+        (schema.INVALID_URL, "unsupported scheme 'javascript' (only http/https)", "bad_url"),
     ]
 
 
