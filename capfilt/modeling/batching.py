@@ -27,13 +27,33 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, oom) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
 
 
+class FitLimit:
+    """The largest micro-batch known to fit on the device, learnt from CUDA out-of-memory errors.
+
+    One per model (an actor keeps it across blocks), so after the first OOM every later call starts
+    at the size that fitted instead of failing again. ``size`` is ``None`` until an OOM is seen.
+    """
+
+    def __init__(self) -> None:
+        self.size: int | None = None
+
+    def cap(self, batch_size: int) -> int:
+        """``batch_size`` limited to what fitted (at least 1)."""
+        return max(1, min(batch_size, self.size) if self.size else batch_size)
+
+    def halve(self, failed: int) -> int:
+        """Record an OOM with ``failed`` items; returns the new (halved) limit."""
+        self.size = max(1, failed // 2)
+        return self.size
+
+
 def run_with_oom_backoff(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], batch_size: int,
-                         what: str = "batch") -> list[R]:
+                         what: str = "batch", limit: FitLimit | None = None) -> list[R]:
     """Apply ``fn`` to ``items`` in chunks of ``batch_size``; on CUDA OOM halve the chunk and retry.
 
     ``fn`` must return one result per item, in order, and be a pure function of its chunk (so a
     retried chunk gives the same results). The halved size is kept for the rest of ``items`` and
-    logged at WARNING level.
+    logged at WARNING level; with ``limit`` it is kept for later calls too.
 
     Returns:
         ``fn``'s results concatenated, ``len == len(items)``.
@@ -44,7 +64,8 @@ def run_with_oom_backoff(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T
     import torch
 
     out: list[R] = []
-    i, size = 0, max(1, batch_size)
+    limit = limit or FitLimit()
+    i, size = 0, limit.cap(batch_size)
     while i < len(items):
         part = items[i:i + size]
         try:
@@ -54,7 +75,7 @@ def run_with_oom_backoff(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            size = max(1, size // 2)
+            size = limit.halve(len(part))
             log.warning("%s: CUDA out of memory with %d items; retrying with batch size %d", what, len(part), size)
             continue
         out.extend(res)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from capfilt.config import ModelPreset, ModelSpec
-from capfilt.modeling.batching import run_with_oom_backoff
+from capfilt.modeling.batching import FitLimit, run_with_oom_backoff
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +283,10 @@ class BlipCaptioner:
         if len(images) != len(seeds):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
         items = list(zip(images, seeds))
+        if getattr(self, "_fit", None) is None:
+            self._fit = FitLimit()  # what fits on the device, kept across calls
         return run_with_oom_backoff(lambda part: self._generate_chunk(part, decoding), items, decoding.batch_size,
-                                    what="captioner")
+                                    what="captioner", limit=self._fit)
 
 
 class Blip2Captioner(BlipCaptioner):

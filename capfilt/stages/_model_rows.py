@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from capfilt.modeling.batching import chunks, is_oom
+from capfilt.modeling.batching import FitLimit, is_oom
 from capfilt.errors import ROW_MESSAGE_CHARS, one_line, shorten
 from capfilt.schema import SUCCESS
 from capfilt.stages.base import column_or_nulls, set_column
@@ -61,8 +61,12 @@ def row_seed(seed: int, key: str) -> int:
 
 
 def run_rows(rows: Sequence[int], batch_size: int, fn: Callable[[Sequence[int]], list[R]],
-             stage: str) -> tuple[dict[int, R], dict[int, str]]:
+             stage: str, limit: FitLimit | None = None) -> tuple[dict[int, R], dict[int, str]]:
     """Run ``fn`` on ``rows`` in micro-batches; a failing micro-batch is retried row by row.
+
+    A micro-batch that runs out of GPU memory is not retried row by row: the batch size is halved
+    (kept in ``limit`` for later calls: the stage learns the largest batch that fits) and its rows
+    go through again in smaller batches.
 
     Args:
         rows: row indices to process.
@@ -80,13 +84,22 @@ def run_rows(rows: Sequence[int], batch_size: int, fn: Callable[[Sequence[int]],
     """
     results: dict[int, R] = {}
     errors: dict[int, str] = {}
-    for part in chunks(list(rows), batch_size):
+    limit = limit or FitLimit()
+    todo = list(rows)
+    while todo:
+        part, todo = todo[:limit.cap(batch_size)], todo[limit.cap(batch_size):]
         try:
             results.update(zip(part, fn(part)))
             continue
         except Exception as e:
             if is_oom(e) and len(part) == 1:
                 raise
+            if is_oom(e):
+                _free_cuda()
+                log.warning("%s: out of GPU memory with a batch of %d rows; batch size now %d", stage, len(part),
+                            limit.halve(len(part)))
+                todo = part + todo
+                continue
             log.warning("%s: batch of %d rows failed (%s); retrying row by row", stage, len(part), short_error(e))
         for r in part:
             try:
@@ -96,6 +109,14 @@ def run_rows(rows: Sequence[int], batch_size: int, fn: Callable[[Sequence[int]],
                     raise
                 errors[r] = short_error(e)
     return results, errors
+
+
+def _free_cuda() -> None:
+    """Release cached GPU memory after an out-of-memory error (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def mark_failed(batch: pa.Table, errors: dict[int, str], status: str) -> pa.Table:

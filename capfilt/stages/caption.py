@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from capfilt.config import CaptionConfig, ModelPreset
 from capfilt.schema import CAPTION_FIELDS, FAILED_TO_CAPTION
+from capfilt.modeling.batching import FitLimit
 from capfilt.stages._model_rows import add_seconds, decode_image, mark_failed, row_seed, run_rows, success_rows
 from capfilt.stages.base import RunContext, Stage, column_or_nulls, set_field
 
@@ -59,6 +60,7 @@ class CaptionStage(Stage):
         self.cfg = cfg
         self.preset = preset
         self.captioner: Any = None
+        self._fit = FitLimit()  # the largest micro-batch that fits on the device (learnt on OOM)
 
     @classmethod
     def model_roles(cls, cfg: PipelineConfig) -> set[str]:
@@ -119,7 +121,7 @@ class CaptionStage(Stage):
             seeds = [row_seed(self.cfg.seed, str(keys[r])) for r in rows]
             return self.captioner.generate(ims, seeds, decoding)
 
-        results, errors = run_rows(success_rows(batch), self.cfg.batch_size, caption, self.name)
+        results, errors = run_rows(success_rows(batch), self.cfg.batch_size, caption, self.name, self._fit)
         captions = [results.get(i) for i in range(batch.num_rows)]
         out = set_field(batch, CAPTION_FIELDS[0], captions)
         out = mark_failed(out, errors, FAILED_TO_CAPTION)

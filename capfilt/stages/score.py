@@ -18,6 +18,7 @@ from capfilt.config import ModelPreset, ScoreConfig
 from capfilt.modeling.scores import ScoreResult, token_counts
 from capfilt.schema import (CAPTION_FIELDS, FAILED_TO_SCORE, SEMDEDUP_FIELDS, SUCCESS, TEXT_LENGTH_FIELDS,
                             score_fields)
+from capfilt.modeling.batching import FitLimit
 from capfilt.stages._model_rows import add_seconds, decode_image, mark_failed, run_rows, success_rows
 from capfilt.stages.base import RunContext, Stage, column_or_nulls, set_column, set_field
 
@@ -75,6 +76,7 @@ class ScoreStage(Stage):
         self.preset = preset
         self.embed = embed
         self.scorers: list[Any] = []
+        self._fit = FitLimit()  # the largest micro-batch that fits on the device (learnt on OOM)
 
     @classmethod
     def model_roles(cls, cfg: PipelineConfig) -> set[str]:
@@ -186,7 +188,7 @@ class ScoreStage(Stage):
             ims = [self.decode(images[r]) for r in rows]
             return self._score(ims, [texts_of(r) for r in rows])
 
-        results, errors = run_rows(success_rows(batch), self.cfg.batch_size, score, self.name)
+        results, errors = run_rows(success_rows(batch), self.cfg.batch_size, score, self.name, self._fit)
         n = batch.num_rows
         out = batch
         for s in self.cfg.scorers:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 import capfilt.stages._model_rows as model_rows
 from capfilt.api import RunOptions, run
@@ -81,3 +82,30 @@ def test_a_fused_run_through_ray_writes_the_same_columns(tmp_path):
     assert t.schema.names == output_schema([], ["itm", "itc"]).names
     assert all(0 <= v <= 1 for v in t.column("web_itm").to_pylist())
     assert all(len(c) == 1 for c in t.column("synthetic_captions").to_pylist())
+
+
+def test_out_of_memory_halves_the_micro_batch_and_the_stage_keeps_the_size_that_fits():
+    """Issue 15 item 7 (GPU-ready batch sizes), with the OOM torch raises on a GPU made here by hand:
+    no CUDA on this machine. Batches above 2 rows 'do not fit'."""
+    import torch
+
+    from capfilt.modeling.batching import FitLimit
+    from capfilt.stages._model_rows import run_rows
+
+    sizes = []
+
+    def fn(part):
+        sizes.append(len(part))
+        if len(part) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [r * 10 for r in part]
+
+    limit = FitLimit()
+    results, errors = run_rows(list(range(10)), 8, fn, "caption", limit)
+    assert results == {r: r * 10 for r in range(10)} and errors == {}
+    assert sizes == [8, 4, 2, 2, 2, 2, 2] and limit.size == 2
+    sizes.clear()
+    run_rows(list(range(5)), 8, fn, "caption", limit)  # the next block starts at the size that fitted
+    assert sizes == [2, 2, 1]
+    with pytest.raises(torch.OutOfMemoryError):  # one row that does not fit is an infrastructure fault
+        run_rows([0], 1, lambda part: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")), "score")
