@@ -42,7 +42,7 @@ class FitLimit:
         return max(1, min(batch_size, self.size) if self.size else batch_size)
 
     def halve(self, failed: int) -> int:
-        """Record an OOM with ``failed`` items; returns the new (halved) limit."""
+        """Record an OOM at batch size ``failed``; returns the new (halved) limit."""
         self.size = max(1, failed // 2)
         return self.size
 
@@ -75,7 +75,7 @@ def run_with_oom_backoff(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            size = limit.halve(len(part))
+            size = limit.halve(size)
             log.warning("%s: CUDA out of memory with %d items; retrying with batch size %d", what, len(part), size)
             continue
         out.extend(res)

@@ -87,7 +87,8 @@ def run_rows(rows: Sequence[int], batch_size: int, fn: Callable[[Sequence[int]],
     limit = limit or FitLimit()
     todo = list(rows)
     while todo:
-        part, todo = todo[:limit.cap(batch_size)], todo[limit.cap(batch_size):]
+        size = limit.cap(batch_size)
+        part, todo = todo[:size], todo[size:]
         try:
             results.update(zip(part, fn(part)))
             continue
@@ -97,7 +98,7 @@ def run_rows(rows: Sequence[int], batch_size: int, fn: Callable[[Sequence[int]],
             if is_oom(e):
                 _free_cuda()
                 log.warning("%s: out of GPU memory with a batch of %d rows; batch size now %d", stage, len(part),
-                            limit.halve(len(part)))
+                            limit.halve(size))
                 todo = part + todo
                 continue
             log.warning("%s: batch of %d rows failed (%s); retrying row by row", stage, len(part), short_error(e))
