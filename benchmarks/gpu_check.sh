@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared CUDA check of the model layer (< 8 min on one GPU; each step has its own timeout).
+# One prepared CUDA check of the model layer (< 13 min on one GPU; each step has its own timeout).
 #
 #   bash benchmarks/gpu_check.sh            # from the repo root, on a machine with a CUDA GPU
 #
@@ -8,7 +8,8 @@
 #    torch.cuda.max_memory_allocated, max |diff| between the two;
 # 3. bench_caption.py on CUDA in bf16: num_captions 1 vs 10, captions/s, max_memory_allocated;
 # 4. the caption and score stages end to end on CUDA with the tiny preset (device/dtype checks,
-#    per-row seed independence of the batch on the GPU).
+#    per-row seed independence of the batch on the GPU);
+# 5. benchmarks/gpu_e2e.py: caption + score stages on random BLIP-base/-large, images/s, GPU busy %, MFU.
 # Model: the blip-base preset when its checkpoints are already in the HF cache (never downloads:
 # HF_HUB_OFFLINE=1), else a BLIP-base-shaped model with random weights (same FLOPs).
 set -euo pipefail
@@ -73,3 +74,7 @@ assert set(scored.column("status").to_pylist()) == {"success"}
 print(f"max_memory_allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 EOF
 echo "== gpu_check OK"
+
+echo "== caption + score stages end to end on the GPU: images/s per stage, GPU busy %, MFU (random BLIP-base and -large)"
+timeout 240 python benchmarks/gpu_e2e.py --size base --images 1024 --batch 128 || echo "gpu_e2e base: failed or timed out"
+timeout 300 python benchmarks/gpu_e2e.py --size large --images 1024 --batch 128 || echo "gpu_e2e large: failed or timed out"

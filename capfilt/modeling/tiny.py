@@ -113,7 +113,7 @@ def blip_processor(image_size: int = TINY_IMAGE_SIZE) -> Any:
 # ------------------------------------------------------------------------------------------------
 # configs
 # ------------------------------------------------------------------------------------------------
-def blip_config(size: Literal["tiny", "base"] = "tiny") -> Any:
+def blip_config(size: Literal["tiny", "base", "large"] = "tiny") -> Any:
     """A ``BlipConfig`` for random-weight models.
 
     Args:
@@ -121,6 +121,8 @@ def blip_config(size: Literal["tiny", "base"] = "tiny") -> Any:
             2-layer hidden-32 BERT over the shipped vocab; a forward takes milliseconds.
             ``base``: the shape of ``Salesforce/blip-itm-base-coco`` / ``blip-image-captioning-base``
             (ViT-B/16 at 384 px = 577 tokens, BERT-base text with 30524-token vocab, ITC dim 256).
+            ``large``: the shape of ``Salesforce/blip-image-captioning-large`` / ``blip-itm-large-coco``
+            (ViT-L/16 at 384 px: hidden 1024, 24 layers; BERT-base text cross-attending to 1024-d).
 
     Both vision and text use ``initializer_range=0.02``: BLIP's vision default (1e-10) would make a
     random model ignore its image.
@@ -144,10 +146,17 @@ def blip_config(size: Literal["tiny", "base"] = "tiny") -> Any:
                     num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512,
                     initializer_range=0.02, **ids)
         return BlipConfig(vision_config=vision, text_config=text, projection_dim=512, image_text_hidden_size=256)
-    raise ValueError(f"size must be 'tiny' or 'base', got {size!r}")
+    if size == "large":
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=384, patch_size=16, initializer_range=0.02)
+        text = dict(vocab_size=30524, hidden_size=768, encoder_hidden_size=1024, intermediate_size=3072,
+                    num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512,
+                    initializer_range=0.02, **ids)
+        return BlipConfig(vision_config=vision, text_config=text, projection_dim=512, image_text_hidden_size=256)
+    raise ValueError(f"size must be 'tiny', 'base' or 'large', got {size!r}")
 
 
-def random_blip(model_cls: type, size: Literal["tiny", "base"] = "tiny", seed: int = 0) -> tuple[Any, Any]:
+def random_blip(model_cls: type, size: Literal["tiny", "base", "large"] = "tiny", seed: int = 0) -> tuple[Any, Any]:
     """Build ``model_cls(blip_config(size))`` with ``torch.manual_seed(seed)`` weights, in eval mode, fp32.
 
     Args:
