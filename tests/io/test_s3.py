@@ -111,6 +111,7 @@ def test_pipeline_on_s3_and_resume(s3, tmp_path, monkeypatch):
         opts = api.RunOptions(inputs=[f"s3://{BUCKET}/in/rows.parquet"], output=f"s3://{BUCKET}/out",
                               models="tiny", progress=False,
                               overrides=["download.allow_private_network=true", f"output.rows_per_shard={PER_SHARD}",
+                                         "output.block_rows=2",  # shards stream in blocks, staged on S3
                                          "download.image_size=64", "download.timeout=10"])
         first = api.run(opts)
 
@@ -129,6 +130,7 @@ def test_pipeline_on_s3_and_resume(s3, tmp_path, monkeypatch):
         assert shard_keys == [f"out/{i:05d}.parquet" for i in range(ROWS // PER_SHARD)]
         assert all(f"out/_stats/{i:05d}.stats.json" in objs for i in range(ROWS // PER_SHARD))
         assert not [k for k in objs if k.startswith("out/_capfilt/tmp/") and not k.endswith("/")]
+        assert not [k for k in objs if k.startswith("out/_capfilt/staging/") and not k.endswith("/")]
         record = json.loads(s3.get_object(Bucket=BUCKET, Key="out/_capfilt/run.json")["Body"].read())
         assert record["status"] == "complete" and record["output"] == f"s3://{BUCKET}/out"
 
