@@ -21,7 +21,8 @@ second) are printed last.
     PYTHONPATH=. python benchmarks/bench_e2e.py --images 64 --captions 1 --reps 3
     PYTHONPATH=. python benchmarks/bench_e2e.py --images 16 --captions 10 --reps 3
     PYTHONPATH=. python benchmarks/bench_e2e.py --size tiny --images 16 --reps 1   # smoke test
-    # variants: --variant threads1 (resources.*.threads=1), --variant noblocks (output.block_rows=rows_per_shard)
+    # variants: --variant threads1 / threads2 (resources.{caption,score}.threads), --variant noblocks
+    # (output.block_rows=1000: a shard moves as one block), --variant fused (resources.fused=true)
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ PROMPT, TOP_P, MAX_LENGTH, MIN_LENGTH, REP = "a picture of ", 0.9, 30, 5, 1.1
 #: capfilt variants: extra ``--set`` overrides.
 VARIANTS = {"default": [], "threads1": ["resources.caption.threads=1", "resources.score.threads=1"],
             "threads2": ["resources.caption.threads=2", "resources.score.threads=2"],
-            "noblocks": ["output.block_rows=1000"]}
+            "noblocks": ["output.block_rows=1000"], "fused": ["resources.fused=true"]}
 
 
 def save_weights(size: str, folder: Path) -> Path:
