@@ -76,7 +76,7 @@ from capfilt.errors import row_message, shorten
 from capfilt.io import hosts
 from capfilt.io.failures import HTTP_429, classify
 from capfilt.io._img2dataset import preload
-from capfilt.io.robots import ROBOTS
+from capfilt.io.robots import ROBOTS, ROBOTS_MAX_BYTES, RobotsFile
 
 #: Statuses after which another try could succeed.
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -445,7 +445,7 @@ def _fetch_once(url: str, cfg, allow_private: bool) -> tuple[bytes, str | None, 
     current = url
     for _hop in range(cfg.max_redirects + 1):
         if cfg.robots_txt:
-            reason = ROBOTS.verdict(current, cfg, allow_private)
+            reason = ROBOTS.verdict(current, cfg, lambda robots_url: _load_robots(robots_url, cfg, allow_private))
             if reason is not None:
                 raise FetchFailure(schema.OPTED_OUT, reason)
         result, budget = _polite_request(current, cfg, allow_private, budget)
@@ -462,6 +462,29 @@ def _fetch_once(url: str, cfg, allow_private: bool) -> tuple[bytes, str | None, 
         seen.add(target)
         current = target
     raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"more than {cfg.max_redirects} redirects")
+
+
+def _load_robots(url: str, cfg, allow_private: bool) -> RobotsFile:
+    """Request a ``robots.txt`` like an image (same checks and limits, at most ``ROBOTS_MAX_BYTES``), no retries.
+
+    RFC 9309 §2.3.1: a 2xx body holds the rules (an empty one none); 4xx other than 429 means no
+    rules; 429, 5xx, timeouts, connection/TLS errors and an oversized file are "unreachable". A
+    refused address or URL means no rules (the image request then fails for the same reason).
+    """
+    rcfg = cfg.model_copy(update={"robots_txt": False, "tdm_reservation": False, "retries": 0,
+                                  "disallowed_header_directives": [], "max_bytes": ROBOTS_MAX_BYTES})
+    try:
+        body, _ctype, _final = _fetch_once(url, rcfg, allow_private)
+    except FetchFailure as f:
+        code = f.http_status
+        if f.status in (schema.BLOCKED_ADDRESS, schema.INVALID_URL):
+            return RobotsFile()
+        if code is not None and (200 <= code < 300 or (400 <= code < 500 and code != 429)):
+            return RobotsFile()
+        if f.status == schema.TOO_LARGE:
+            return RobotsFile(unreachable=f"over {ROBOTS_MAX_BYTES // 1024} KiB")
+        return RobotsFile(unreachable=f.message)
+    return RobotsFile(body=body)
 
 
 def _polite_request(url: str, cfg, allow_private: bool, budget: float):

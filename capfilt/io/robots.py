@@ -2,10 +2,10 @@
 
 Before every request (each redirect hop too) :func:`capfilt.io.fetch.fetch` asks
 :data:`ROBOTS` for the verdict on the URL. The host's ``/robots.txt`` is fetched once per origin
-(scheme, host, port) and worker process, through the same SSRF-safe path as images
-(``fetch._fetch_once``: address check on every hop, redirects by hand, one deadline of
-``download.timeout``, the per-host politeness slot) and read up to :data:`ROBOTS_MAX_BYTES`
-bytes. It is parsed with Scrapy's ``protego`` (RFC 9309: longest match wins, ``Allow`` wins a
+(scheme, host, port) and worker process by the function the fetcher passes in
+(``fetch._load_robots``: the same SSRF-safe path as images, i.e. address check on every hop,
+redirects by hand, one deadline of ``download.timeout``, the per-host politeness slot), read up
+to :data:`ROBOTS_MAX_BYTES` bytes. This module makes no request itself. It is parsed with Scrapy's ``protego`` (RFC 9309: longest match wins, ``Allow`` wins a
 tie, ``*`` and ``$`` wildcards; the stdlib ``urllib.robotparser`` has neither wildcards nor
 longest match, so ``Disallow: /*.jpg$`` would not work there).
 
@@ -36,7 +36,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from capfilt import schema
+from collections.abc import Callable
+
 from capfilt.errors import shorten
 
 #: Bytes of a robots.txt read at most (RFC 9309 asks crawlers to read at least 500 KiB).
@@ -47,6 +48,19 @@ ROBOTS_TTL = 3600.0
 UNREACHABLE_TTL = 300.0
 #: Most origins whose robots.txt a worker process keeps.
 ROBOTS_CACHE_ORIGINS = 2048
+
+
+@dataclass(frozen=True)
+class RobotsFile:
+    """The outcome of requesting one ``/robots.txt`` (what the loader passed to :meth:`RobotsCache.verdict` returns).
+
+    Attributes:
+        body: the file's bytes (2xx), or ``None`` when there are no rules (4xx, refused address).
+        unreachable: why the file could not be read (5xx, 429, timeout, too large), else ``None``.
+    """
+
+    body: bytes | None = None
+    unreachable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,20 +106,21 @@ class RobotsCache:
         with self._lock:
             self._rules.clear()
 
-    def verdict(self, url: str, cfg, allow_private: bool) -> str | None:
+    def verdict(self, url: str, cfg, load: Callable[[str], RobotsFile]) -> str | None:
         """Why ``url`` is opted out by its host's robots.txt, or ``None`` when it may be fetched.
 
         Args:
             url: a cleaned ``http``/``https`` URL (:func:`capfilt.io.fetch.normalize_url`).
             cfg: the ``DownloadConfig`` (``user_agent_token``, ``robots_agents``,
                 ``robots_unreachable``, and the fetch limits used for the robots.txt request).
-            allow_private: passed to the address check of the robots.txt request.
+            load: requests a robots.txt URL (``"http://host:port/robots.txt"``); called at most once
+                per origin and :data:`ROBOTS_TTL` by all threads together.
 
         Returns:
             e.g. ``"robots.txt of example.com disallows GPTBot for /img/1.jpg"``.
         """
         origin, shown = origin_of(url)
-        rules = self._get(origin, cfg, allow_private)
+        rules = self._get(origin, load)
         if rules.unreachable is not None:
             if cfg.robots_unreachable == "disallow":
                 return (f"robots.txt of {shown} could not be read ({shorten(rules.unreachable, 60)}) "
@@ -121,7 +136,7 @@ class RobotsCache:
                 return f"robots.txt of {shown} disallows {agent} for {shorten(path, 80)}"
         return None
 
-    def _get(self, origin: str, cfg, allow_private: bool) -> RobotsRules:
+    def _get(self, origin: str, load: Callable[[str], RobotsFile]) -> RobotsRules:
         while True:
             with self._lock:
                 rules = self._rules.get(origin)
@@ -134,7 +149,13 @@ class RobotsCache:
                     break
             waiter.wait()  # another thread is fetching this origin's robots.txt
         try:
-            rules = self._download(origin, cfg, allow_private)
+            self.fetches += 1
+            got = load(origin + "/robots.txt")
+            now = time.monotonic()
+            if got.unreachable is not None:
+                rules = RobotsRules(now + min(self.ttl, UNREACHABLE_TTL), unreachable=got.unreachable)
+            else:
+                rules = RobotsRules(now + self.ttl, parser=None if got.body is None else parse(got.body))
             with self._lock:
                 self._rules[origin] = rules
                 self._rules.move_to_end(origin)
@@ -144,27 +165,6 @@ class RobotsCache:
         finally:
             with self._lock:
                 self._pending.pop(origin).set()
-
-    def _download(self, origin: str, cfg, allow_private: bool) -> RobotsRules:
-        from capfilt.io.fetch import FetchFailure, _fetch_once
-
-        self.fetches += 1
-        expires = time.monotonic() + self.ttl
-        rcfg = cfg.model_copy(update={"robots_txt": False, "tdm_reservation": False, "retries": 0,
-                                      "disallowed_header_directives": [], "max_bytes": ROBOTS_MAX_BYTES})
-        try:
-            body, _ctype, _final = _fetch_once(origin + "/robots.txt", rcfg, allow_private)
-        except FetchFailure as f:
-            code = f.http_status
-            if f.status in (schema.BLOCKED_ADDRESS, schema.INVALID_URL):
-                return RobotsRules(expires)
-            if code is not None and (200 <= code < 300 or (400 <= code < 500 and code != 429)):
-                return RobotsRules(expires)  # empty file, or "unavailable": no rules
-            expires = min(expires, time.monotonic() + UNREACHABLE_TTL)
-            if f.status == schema.TOO_LARGE:
-                return RobotsRules(expires, unreachable=f"over {ROBOTS_MAX_BYTES // 1024} KiB")
-            return RobotsRules(expires, unreachable=f.message)
-        return RobotsRules(expires, parser=parse(body))
 
 
 def parse(body: bytes):
@@ -181,5 +181,5 @@ def parse(body: bytes):
 #: The worker process's robots.txt cache (used by :func:`capfilt.io.fetch.fetch`).
 ROBOTS = RobotsCache()
 
-__all__ = ["ROBOTS", "RobotsCache", "RobotsRules", "origin_of", "parse", "ROBOTS_MAX_BYTES", "ROBOTS_TTL", "UNREACHABLE_TTL",
+__all__ = ["ROBOTS", "RobotsCache", "RobotsFile", "RobotsRules", "origin_of", "parse", "ROBOTS_MAX_BYTES", "ROBOTS_TTL", "UNREACHABLE_TTL",
            "ROBOTS_CACHE_ORIGINS"]
