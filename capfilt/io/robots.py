@@ -33,10 +33,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
-
-from collections.abc import Callable
 
 from capfilt.errors import shorten
 
