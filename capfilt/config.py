@@ -125,7 +125,7 @@ class DownloadConfig(Strict):
     allow_private_network: bool = False
     allow_file_urls: bool = False
     robots_txt: bool = True
-    robots_agents: list[str] = ["GPTBot", "CCBot", "Google-Extended", "anthropic-ai", "ClaudeBot", "img2dataset"]
+    robots_agents: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]] = ["GPTBot", "CCBot", "Google-Extended", "anthropic-ai", "ClaudeBot", "img2dataset"]
     robots_unreachable: Literal["allow", "disallow"] = "allow"
     tdm_reservation: bool = True
     per_host_concurrency: int | None = Field(8, ge=1)
