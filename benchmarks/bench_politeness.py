@@ -11,7 +11,9 @@ flight per ``Host``. Many host names reach it through the fetcher's resolver hoo
 - ``one host``: every row from one host, cap 8 vs no cap (the cap at work: at most 8 in flight);
 - ``big + many``: half the rows from one host (first in the shard), the rest spread over
   ``--hosts`` names, cap 8, with the stage's host-aware scheduler vs a plain thread pool whose
-  threads block in the fetcher's limiter (what the cap would cost without the scheduler).
+  threads block in the fetcher's limiter (what the cap would cost without the scheduler);
+- ``4 hosts, sorted``: the rows of 4 hosts one host after the other (a shard sorted by domain),
+  cap 8, both schedulers: a plain pool parks its threads behind the first host.
 
 Prints one table row per case: seconds, rows/s, most requests in flight at once (one host / all).
 
@@ -85,10 +87,12 @@ def main() -> None:
     one = [f"http://cdn.test:PORT/{i}.jpg" for i in range(n)]
     mixed = [f"http://cdn.test:PORT/{i}.jpg" for i in range(n // 2)] + [
         f"http://h{i % h}.test:PORT/{i}.jpg" for i in range(n - n // 2)]
+    sorted4 = [f"http://d{i * 4 // n}.test:PORT/{i}.jpg" for i in range(n)]
     cases = [
         ("many hosts", many, None, True), ("many hosts", many, 8, True),
         ("one host", one, None, True), ("one host", one, 8, True),
         ("big + many", mixed, 8, False), ("big + many", mixed, 8, True),
+        ("4 hosts, sorted", sorted4, 8, False), ("4 hosts, sorted", sorted4, 8, True),
     ]
     print(f"{n} rows, {h} hosts, {a.threads} threads, {a.delay * 1000:.0f} ms per request\n")
     print("| shard | cap | scheduling | s | rows/s | peak in flight, one host | peak in flight, all |")

@@ -1,5 +1,8 @@
 """A test HTTP server on 127.0.0.1 that counts requests in flight, per ``Host`` name and in total.
 
+A request counts from its arrival until just before its answer is sent (a window inside the
+client's own, so a count above the client's cap is a real breach, never a measuring artefact).
+
 Many host names reach it through the fetcher's resolver hook (``capfilt.io.hosts.DNS.use_resolver``
 with :func:`loopback_resolver`): ``http://h7.test:PORT/x.jpg`` resolves to 127.0.0.1 and arrives
 with ``Host: h7.test:PORT``, which is what the per-host cap is about.
@@ -89,6 +92,13 @@ class CountingServer:
             if self.delay:
                 time.sleep(self.delay)
             special = self.answer(host, req.path, n) if self.answer else None
+        finally:
+            # counted until just before the answer goes out: that window lies inside the client's
+            # (which holds its slot until it has read the body), so the count never over-states it
+            with self.lock:
+                self.inflight[host] -= 1
+                self.total -= 1
+        try:
             if special is not None:
                 code, headers = special
                 req.send_response(code)
@@ -109,10 +119,6 @@ class CountingServer:
             req.wfile.write(self.body)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        finally:
-            with self.lock:
-                self.inflight[host] -= 1
-                self.total -= 1
 
     def __enter__(self) -> "CountingServer":
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
