@@ -89,7 +89,7 @@ def test_ai_crawler_agents_opt_out(agent):
         r = fetch(srv.url("tricky/pillow_hopper.jpg"), cfg())
         assert (r.status, r.error_message) == (
             schema.OPTED_OUT, f"robots.txt of 127.0.0.1:{srv.port} disallows {agent} for /tricky/pillow_hopper.jpg")
-        assert srv.hits.get("/tricky/pillow_hopper.jpg", 0) == 0
+        assert srv.hits.get("/tricky/pillow_hopper.jpg", 0) == 0 and r.error_class == "opted_out"
         # the agent list is configurable, and the whole check can be switched off
         assert fetch(srv.url("tricky/pillow_hopper.jpg"), cfg(robots_agents=[])).ok
         assert fetch(srv.url("tricky/pillow_hopper.jpg"), cfg(robots_txt=False)).ok
