@@ -89,6 +89,21 @@ class DownloadConfig(Strict):
         disallowed_header_directives: ``X-Robots-Tag`` directives that opt an image out.
         allow_private_network: allow loopback/private/link-local hosts (off: ``blocked_address``).
         allow_file_urls: allow ``file://`` URLs (off: ``invalid_url``).
+        robots_txt: check each host's ``robots.txt`` (``io/robots.py``) for ``user_agent_token`` and
+            every agent of ``robots_agents``; a disallowed URL is ``opted_out``.
+        robots_agents: the AI-crawler user agents whose ``robots.txt`` rules also opt an image out.
+        robots_unreachable: what a ``robots.txt`` that answers 5xx or cannot be fetched means:
+            ``allow`` (fetch the images) or ``disallow`` (RFC 9309's rule: every URL of the host
+            ``opted_out``). A 4xx ``robots.txt`` always means no rules.
+        tdm_reservation: a ``tdm-reservation: 1`` response header (W3C TDMRep) opts the image out.
+        per_host_concurrency: requests in flight at once to one host name, per worker process
+            (``None``: no cap).
+        per_host_rate: requests started per second to one host name, per worker process (``None``:
+            no limit).
+        retry_after_max: seconds a ``Retry-After`` of a 429/503 answer is waited for; a host that
+            asks for longer fails its rows at once (transient, ``failed_to_download``).
+        dns_ttl: seconds a host name's resolved addresses are reused, per worker process (0: no cache).
+        dns_negative_ttl: seconds a failed lookup is remembered (0: not remembered).
     """
 
     enabled: bool = True
@@ -109,6 +124,15 @@ class DownloadConfig(Strict):
     encode_quality: int = Field(95, ge=0, le=100)
     allow_private_network: bool = False
     allow_file_urls: bool = False
+    robots_txt: bool = True
+    robots_agents: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]] = ["GPTBot", "CCBot", "Google-Extended", "anthropic-ai", "ClaudeBot", "img2dataset"]
+    robots_unreachable: Literal["allow", "disallow"] = "allow"
+    tdm_reservation: bool = True
+    per_host_concurrency: int | None = Field(8, ge=1)
+    per_host_rate: float | None = Field(None, gt=0)
+    retry_after_max: float = Field(30.0, ge=0)
+    dns_ttl: float = Field(300.0, ge=0)
+    dns_negative_ttl: float = Field(30.0, ge=0)
 
     #: ``encode_quality`` range per ``encode_format`` (OpenCV's IMWRITE_JPEG_QUALITY 0-100,
     #: IMWRITE_PNG_COMPRESSION 0-9 (a compression level, not a quality), IMWRITE_WEBP_QUALITY 1-100).

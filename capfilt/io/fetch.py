@@ -43,6 +43,18 @@ What one :func:`fetch` call guarantees:
   anyway: CVE-2025-66471, CVE-2026-21441, CVE-2026-44432).
 - **Retries**: ``retries`` extra tries, only for transient failures (timeouts, connection
   errors, HTTP 408/425/429/5xx); never for 4xx, blocked or invalid URLs, opt-outs or size limits.
+- **Retry-After**: a 429 or 503 with a ``Retry-After`` (seconds or an HTTP date) pauses every
+  request of this worker to that host for that long (``io/hosts.HostLimiter.defer``) and the row
+  is tried again after the pause (at most :data:`MAX_RETRY_AFTER_WAITS` times, on top of
+  ``retries``); a pause longer than ``retry_after_max`` fails the host's rows at once
+  (``failed_to_download``, transient).
+- **Opt-outs**: ``X-Robots-Tag`` (img2dataset's rule), ``tdm-reservation: 1`` (W3C TDMRep, when
+  ``tdm_reservation``) and the host's ``robots.txt`` (``io/robots.py``, when ``robots_txt``,
+  checked before each hop's request) give ``opted_out`` with the reason.
+- **Politeness and DNS** (``io/hosts.py``): each hop's request holds one of its host's
+  ``per_host_concurrency`` slots and respects ``per_host_rate``; names are resolved through the
+  worker's DNS cache (``dns_ttl``, ``dns_negative_ttl``). Time spent waiting for a slot or for
+  robots.txt is not part of the ``timeout`` deadline.
 
 Environment proxies (``HTTP_PROXY``) are not used: a proxy would make the address check moot.
 """
@@ -61,8 +73,10 @@ from urllib.request import url2pathname
 
 from capfilt import schema
 from capfilt.errors import row_message, shorten
-from capfilt.io.failures import classify
+from capfilt.io import hosts
+from capfilt.io.failures import HTTP_429, classify
 from capfilt.io._img2dataset import preload
+from capfilt.io.robots import ROBOTS, ROBOTS_MAX_BYTES, RobotsFile
 
 #: Statuses after which another try could succeed.
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -76,6 +90,9 @@ _SAFE_URL_CHARS = "%:/?#[]@!$&'()*+,;=-._~"
 #: ``LimitRequestLine`` 8190, nginx's 8 KB header buffers), and img2dataset-scale metadata has no
 #: real image URL near it; a multi-megabyte "URL" is junk or an attack on the server.
 MAX_URL_CHARS = 8192
+
+#: Most extra tries a row gets for ``Retry-After`` answers (each waits out the host's pause).
+MAX_RETRY_AFTER_WAITS = 3
 
 BROWSER_UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
@@ -131,12 +148,15 @@ class FetchFailure(Exception):
     ``error_class`` defaults to :func:`capfilt.io.failures.classify` of ``status`` and ``message``.
     """
 
-    def __init__(self, status: str, message: str, transient: bool = False, error_class: str | None = None):
+    def __init__(self, status: str, message: str, transient: bool = False, error_class: str | None = None, *,
+                 http_status: int | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.transient = transient
         self.error_class = error_class or classify(status, message)
+        self.http_status = http_status  # the HTTP status of the answer that failed, if one came
+        self.retry_after = retry_after  # seconds a 429/503 asked to wait (``Retry-After``), if it did
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +290,8 @@ def address_block_reason(address: str) -> str | None:
     return None
 
 
-def resolve_addresses(host: str, port: int, allow_private_network: bool = False) -> list[str]:
+def resolve_addresses(host: str, port: int, allow_private_network: bool = False, *, ttl: float = 0.0,
+                      negative_ttl: float = 0.0) -> list[str]:
     """Resolve ``host`` and return the addresses to connect to, refusing non-public addresses.
 
     Every address the resolver returns is checked (a name that resolves to one public and one
@@ -280,6 +301,8 @@ def resolve_addresses(host: str, port: int, allow_private_network: bool = False)
         host: a host name or IP literal (IPv6 without brackets).
         port: the TCP port (used only for the resolver call).
         allow_private_network: skip the address check (``DownloadConfig.allow_private_network``).
+        ttl, negative_ttl: seconds the worker's DNS cache may reuse an answer / a failure
+            (:data:`capfilt.io.hosts.DNS`; 0: ask the resolver).
 
     Returns:
         The resolved IP addresses as text, in the resolver's order, without repeats (at least one).
@@ -290,13 +313,9 @@ def resolve_addresses(host: str, port: int, allow_private_network: bool = False)
             name does not resolve.
     """
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError, OSError) as e:
-        raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"cannot resolve host {host} ({_oserror_text(e)})",
-                           transient=True) from None
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    if not addresses:
-        raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"cannot resolve host {host}", transient=True)
+        addresses = hosts.DNS.resolve(host, port, ttl, negative_ttl)
+    except hosts.ResolveError as e:
+        raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"cannot resolve host {host} ({e})", transient=True) from None
     if not allow_private_network:
         for addr in addresses:
             reason = address_block_reason(addr)
@@ -356,7 +375,10 @@ def fetch(url: object, cfg, *, allow_private_network: bool | None = None) -> Fet
         url: the raw URL (anything; non-strings and bad URLs give ``invalid_url``).
         cfg: a ``DownloadConfig``: ``timeout`` (s per try), ``retries``, ``max_bytes``,
             ``max_redirects``, ``user_agent_token``, ``disallowed_header_directives``,
-            ``allow_private_network``, ``allow_file_urls``.
+            ``allow_private_network``, ``allow_file_urls``, the opt-out switches (``robots_txt``,
+            ``robots_agents``, ``robots_unreachable``, ``tdm_reservation``) and the politeness
+            and DNS settings (``per_host_concurrency``, ``per_host_rate``, ``retry_after_max``,
+            ``dns_ttl``, ``dns_negative_ttl``).
         allow_private_network: overrides ``cfg.allow_private_network`` when given.
 
     Returns:
@@ -372,18 +394,24 @@ def fetch(url: object, cfg, *, allow_private_network: bool | None = None) -> Fet
     if cfg.disallowed_header_directives:
         preload()  # import img2dataset's modules (~1 s, once) outside the request's deadline
     last: FetchFailure | None = None
-    tries = 0
-    for _ in range(cfg.retries + 1):
+    tries = failures = waits = 0
+    while True:
         tries += 1
         try:
             data, ctype, final = _fetch_once(clean, cfg, allow_private)
             return FetchResult(schema.SUCCESS, None, data, ctype, final, tries)
         except FetchFailure as f:
             last = f
-            if not f.transient:
+            if f.retry_after is not None and waits < MAX_RETRY_AFTER_WAITS:
+                waits += 1  # the next try waits out the host's pause in its slot (or fails if too long)
+                continue
+            failures += 1
+            if not f.transient or failures > cfg.retries:
                 break
-    assert last is not None
-    return FetchResult(last.status, row_message(last.message), None, None, None, tries, last.error_class)
+    message = last.message
+    if last.retry_after is not None and waits:
+        message += f" (still refused after {waits} Retry-After waits)"
+    return FetchResult(last.status, row_message(message), None, None, None, tries, last.error_class)
 
 
 def _fetch_file(url: str, max_bytes: int) -> FetchResult:
@@ -406,12 +434,21 @@ def _fetch_file(url: str, max_bytes: int) -> FetchResult:
 
 
 def _fetch_once(url: str, cfg, allow_private: bool) -> tuple[bytes, str | None, str]:
-    """One try: follow up to ``max_redirects`` redirects, each hop address-checked; one deadline."""
-    deadline = time.monotonic() + cfg.timeout
+    """One try: follow up to ``max_redirects`` redirects, each hop address-checked; one deadline.
+
+    Before each hop: the robots.txt verdict (``cfg.robots_txt``), then one of the host's politeness
+    slots (``io/hosts.LIMITER``), held for the hop's request. The ``timeout`` budget is spent only
+    while requests run, not while waiting for robots.txt or a slot.
+    """
+    budget = cfg.timeout
     seen = {url}
     current = url
     for _hop in range(cfg.max_redirects + 1):
-        result = _request(current, cfg, allow_private, deadline)
+        if cfg.robots_txt:
+            reason = ROBOTS.verdict(current, cfg, lambda robots_url: _load_robots(robots_url, cfg, allow_private))
+            if reason is not None:
+                raise FetchFailure(schema.OPTED_OUT, reason)
+        result, budget = _polite_request(current, cfg, allow_private, budget)
         if isinstance(result, tuple):
             return result
         location = _header_text(result)
@@ -425,6 +462,73 @@ def _fetch_once(url: str, cfg, allow_private: bool) -> tuple[bytes, str | None, 
         seen.add(target)
         current = target
     raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"more than {cfg.max_redirects} redirects")
+
+
+def _load_robots(url: str, cfg, allow_private: bool) -> RobotsFile:
+    """Request a ``robots.txt`` like an image (same checks and limits, at most ``ROBOTS_MAX_BYTES``), no retries.
+
+    RFC 9309 §2.3.1: a 2xx body holds the rules (an empty one none); 4xx other than 429 means no
+    rules; 429, 5xx, timeouts, connection/TLS errors and an oversized file are "unreachable". A
+    refused address or URL means no rules (the image request then fails for the same reason).
+    """
+    rcfg = cfg.model_copy(update={"robots_txt": False, "tdm_reservation": False, "retries": 0,
+                                  "disallowed_header_directives": [], "max_bytes": ROBOTS_MAX_BYTES})
+    try:
+        body, _ctype, _final = _fetch_once(url, rcfg, allow_private)
+    except FetchFailure as f:
+        code = f.http_status
+        if f.status in (schema.BLOCKED_ADDRESS, schema.INVALID_URL):
+            return RobotsFile()
+        if code is not None and (200 <= code < 300 or (400 <= code < 500 and code != 429)):
+            return RobotsFile()
+        if f.status == schema.TOO_LARGE:
+            return RobotsFile(unreachable=f"over {ROBOTS_MAX_BYTES // 1024} KiB")
+        return RobotsFile(unreachable=f.message)
+    return RobotsFile(body=body)
+
+
+def _polite_request(url: str, cfg, allow_private: bool, budget: float):
+    """:func:`_request` inside one of the host's slots; returns ``(its result, budget left)``."""
+    host = hosts.host_key(url)
+    try:
+        with hosts.LIMITER.slot(host, cfg.per_host_concurrency, cfg.per_host_rate, cfg.retry_after_max):
+            started = time.monotonic()
+            try:
+                return _request(url, cfg, allow_private, started + budget), budget - (time.monotonic() - started)
+            except FetchFailure as f:
+                if f.retry_after is not None:
+                    hosts.LIMITER.defer(host, f.retry_after)
+                raise
+    except hosts.HostDeferred as d:
+        raise FetchFailure(schema.FAILED_TO_DOWNLOAD,
+                           f"{host} asked to wait {d.seconds:.0f} s (Retry-After), over download.retry_after_max "
+                           f"({cfg.retry_after_max:g} s)", transient=True, error_class=HTTP_429) from None
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date (RFC 9110 §10.2.3).
+
+    Args:
+        value: the header value (``"120"``, ``"Wed, 21 Oct 2015 07:28:00 GMT"``) or ``None``.
+        now: the current POSIX time (default: ``time.time()``), for dates.
+
+    Returns:
+        Seconds (>= 0; a date in the past gives 0), or ``None`` when absent or unreadable.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(int(text))
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class _Watchdog:
@@ -457,7 +561,7 @@ def _request(url: str, cfg, allow_private: bool, deadline: float):
     host = parts.hostname or ""
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)
-    addresses = resolve_addresses(host, port, allow_private)
+    addresses = resolve_addresses(host, port, allow_private, ttl=cfg.dns_ttl, negative_ttl=cfg.dns_negative_ttl)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"timed out after {cfg.timeout:.1f} s", transient=True)
@@ -491,17 +595,20 @@ def _request(url: str, cfg, allow_private: bool, deadline: float):
                 raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"HTTP {code} redirect without a Location")
             return location
         if not 200 <= code < 300:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After")) if code in (429, 503) else None
             raise FetchFailure(schema.FAILED_TO_DOWNLOAD, f"HTTP {code} {_reason(code, resp.reason)}".rstrip(),
-                               transient=code in _TRANSIENT_HTTP)
+                               transient=code in _TRANSIENT_HTTP, http_status=code, retry_after=retry_after)
         optout = is_opted_out(resp.headers, cfg.user_agent_token, cfg.disallowed_header_directives)
         if optout is not None:
             raise FetchFailure(schema.OPTED_OUT, f"X-Robots-Tag: {shorten(optout, 80)}")
+        if cfg.tdm_reservation and (resp.headers.get("tdm-reservation") or "").strip() == "1":
+            raise FetchFailure(schema.OPTED_OUT, "tdm-reservation: 1 (TDMRep: text and data mining rights reserved)")
         length = resp.headers.get("Content-Length")
         if length is not None and length.strip().isdigit() and int(length) > cfg.max_bytes:
             raise FetchFailure(schema.TOO_LARGE, f"body is {int(length):,} bytes, over the limit of {cfg.max_bytes:,}")
         body = _read_body(resp, cfg.max_bytes, watchdog, cfg.timeout)
         if not body:
-            raise FetchFailure(schema.FAILED_TO_DOWNLOAD, "empty body (0 bytes)")
+            raise FetchFailure(schema.FAILED_TO_DOWNLOAD, "empty body (0 bytes)", http_status=code)
         return body, resp.headers.get("Content-Type"), url
     finally:
         watchdog.cancel()
@@ -614,6 +721,6 @@ def _oserror_text(e: BaseException) -> str:
 
 __all__ = [
     "FetchResult", "FetchFailure", "fetch", "normalize_url", "resolve_addresses", "resolve_host",
-    "address_block_reason",
+    "address_block_reason", "parse_retry_after", "MAX_RETRY_AFTER_WAITS",
     "is_opted_out", "user_agent",
 ]

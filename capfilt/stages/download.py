@@ -4,7 +4,9 @@ Each row's URL is fetched with :func:`capfilt.io.fetch.fetch` (scheme, address, 
 time limits; ``X-Robots-Tag`` opt-out with img2dataset's rule) and the body is turned into the
 stored image by :class:`capfilt.io.imaging.ImageProcessor` (Pillow safety front end +
 img2dataset's ``Resizer``). Rows run on ``thread_count`` threads inside one call, as img2dataset's
-downloader runs a thread pool per shard. Every failure is row data: ``status`` +
+downloader runs a thread pool per shard, with at most ``per_host_concurrency`` rows of one host
+name at a time (:func:`capfilt.io.hosts.map_per_host`; the fetcher enforces the same cap per
+request across every thread of the process). Every failure is row data: ``status`` +
 ``error_message``; the call itself only raises on programming errors.
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -23,6 +24,7 @@ from capfilt.config import DownloadConfig
 from capfilt.errors import row_message, shorten
 from capfilt.io.failures import class_counts, classify, domain_counts
 from capfilt.io.fetch import fetch
+from capfilt.io.hosts import host_key, map_per_host
 from capfilt.io.imaging import ImageProcessor, ImageResult
 from capfilt.stages.base import Stage, column_or_nulls, set_column, set_field
 
@@ -97,14 +99,12 @@ class DownloadStage(Stage):
         todo = [i for i in range(n) if prior_status[i] in (None, schema.SUCCESS)]
         results: list[ImageResult | None] = [None] * n
         if todo:
-            workers = max(1, min(self.cfg.thread_count, len(todo)))
-            if workers == 1:
-                for i in todo:
-                    results[i] = self._safe(urls[i])
-            else:
-                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capfilt-download") as pool:
-                    for i, res in zip(todo, pool.map(self._safe, [urls[i] for i in todo])):
-                        results[i] = res
+            # threads pick rows of hosts below their per-host cap, so a shard of one big host does
+            # not park every thread behind it (io/hosts.py); results come back in row order
+            got = map_per_host(self._safe, [urls[i] for i in todo], [host_key(urls[i]) for i in todo],
+                               self.cfg.thread_count, self.cfg.per_host_concurrency, "capfilt-download")
+            for i, res in zip(todo, got):
+                results[i] = res
         status, message, klass, image, width, height, ow, oh, digest = ([] for _ in range(9))
         for i in range(n):
             r = results[i]

@@ -44,7 +44,9 @@ def connections(monkeypatch):
 
 
 def cfg(**kw) -> DownloadConfig:
-    base = dict(timeout=2.0, allow_private_network=True)
+    # robots.txt off: these tests count requests and connections of the image fetch itself
+    # (robots.txt has its own tests in tests/io/test_robots.py)
+    base = dict(timeout=2.0, allow_private_network=True, robots_txt=False)
     base.update(kw)
     return DownloadConfig(**base)
 
