@@ -50,8 +50,9 @@ VARIANTS = {"default": [], "threads1": ["resources.caption.threads=1", "resource
             "noblocks": ["output.block_rows=1000"], "fused": ["resources.fused=true"]}
 
 
-def save_weights(size: str, folder: Path) -> Path:
-    """Save seed-0 random BLIP captioner + ITM models of ``size`` and a preset YAML naming them."""
+def save_weights(size: str, folder: Path, device: str = "cpu", dtype: str = "float32") -> Path:
+    """Save seed-0 random BLIP captioner + ITM models of ``size`` and a preset YAML naming them
+    (loaded on ``device`` in ``dtype``); also used by ``gpu_e2e.py``."""
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
     from capfilt.modeling.tiny import random_blip
@@ -62,8 +63,8 @@ def save_weights(size: str, folder: Path) -> Path:
         proc.save_pretrained(folder / name)
     preset = folder / "preset.yaml"
     preset.write_text(f"name: bench-{size}\ndescription: random BLIP-{size} weights (benchmark only)\n"
-                      f"captioner: {{id: {folder / 'captioner'}, kind: blip, dtype: float32, device: cpu}}\n"
-                      f"filter: {{id: {folder / 'filter'}, kind: blip, dtype: float32, device: cpu}}\n")
+                      f"captioner: {{id: {folder / 'captioner'}, kind: blip, dtype: {dtype}, device: {device}}}\n"
+                      f"filter: {{id: {folder / 'filter'}, kind: blip, dtype: {dtype}, device: {device}}}\n")
     return preset
 
 

@@ -47,23 +47,6 @@ def encoded_photos(n: int, size: int = 384) -> list[bytes]:
     return [cache[i % len(cache)] for i in range(n)]
 
 
-def save_preset(size: str, folder: Path, device: str, dtype: str) -> Path:
-    """Random BLIP captioner + ITM of ``size`` saved under ``folder``, and a preset YAML naming them."""
-    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
-
-    from capfilt.modeling.tiny import random_blip
-
-    for name, cls in (("captioner", BlipForConditionalGeneration), ("filter", BlipForImageTextRetrieval)):
-        model, proc = random_blip(cls, size, seed=0)
-        model.save_pretrained(folder / name)
-        proc.save_pretrained(folder / name)
-    preset = folder / "preset.yaml"
-    preset.write_text(f"name: gpu-{size}\ndescription: random BLIP-{size} (benchmark)\n"
-                      f"captioner: {{id: {folder / 'captioner'}, kind: blip, dtype: {dtype}, device: {device}}}\n"
-                      f"filter: {{id: {folder / 'filter'}, kind: blip, dtype: {dtype}, device: {device}}}\n")
-    return preset
-
-
 class BusySampler(threading.Thread):
     """Samples ``torch.cuda.utilization()`` every 0.1 s until stopped (empty without CUDA/NVML)."""
 
@@ -136,7 +119,9 @@ def main() -> None:
 
     cuda = args.device.startswith("cuda")
     work = Path(tempfile.mkdtemp(prefix="gpu-e2e-"))
-    preset = load_preset(str(save_preset(args.size, work, args.device, args.dtype)))
+    from benchmarks.bench_e2e import save_weights
+
+    preset = load_preset(str(save_weights(args.size, work, args.device, args.dtype)))
     cfg = load_pipeline("blip", {"caption.batch_size": args.batch, "score.batch_size": args.batch,
                                  "caption.num_captions": args.captions})
     ctx = RunContext(str(work / "out"), "bench", preset, schema=pa.schema([]))

@@ -112,7 +112,6 @@ class ShardWriter(Stage):
                                      pa.array(rows, pa.int64()), pa.array(stats, pa.string())],
                                     schema=STATS_ROW_SCHEMA)
 
-
     @staticmethod
     def _gather(out: Location, shard_id: int, block: pa.Table, expected: int) -> pa.Table | None:
         """Stage ``block``; if the shard's staged blocks now hold ``expected`` rows, return them all.
