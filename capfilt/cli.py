@@ -232,12 +232,14 @@ def demo(
 ) -> None:
     """Offline demo on 127.0.0.1: CapFilt on a labelled toy world (default) or on bundled CC0 photos."""
     from capfilt.demo import run_demo
+    from capfilt.stderr_filter import StderrFilter
 
-    try:
-        run_demo(Path(output) if output else None, models=models, pipeline=pipeline, overwrite=overwrite, console=console, world=world,
-                 rows=rows)
-    except CapfiltError as e:
-        _fail(e)
+    with StderrFilter():  # Ray's alarming-but-harmless lines become one explanation each, as in `run`
+        try:
+            run_demo(Path(output) if output else None, models=models, pipeline=pipeline, overwrite=overwrite,
+                     console=console, world=world, rows=rows)
+        except CapfiltError as e:
+            _fail(e)
 
 
 def _register_subcommands() -> None:
