@@ -94,6 +94,7 @@ def serve(latency_ms: float) -> None:
     lock = threading.Lock()
 
     def send(req, body: bytes, ctype: str) -> None:
+        """Answer ``req`` with 200 and ``body`` (bytes) of content type ``ctype``."""
         req.send_response(200)
         req.send_header("Content-Type", ctype)
         req.send_header("Content-Length", str(len(body)))
@@ -101,6 +102,8 @@ def serve(latency_ms: float) -> None:
         req.wfile.write(body)
 
     def fallback(req, path: str) -> None:
+        """Serve ``/_times`` (request start times, JSON), ``/_reset`` and ``/img/N.jpg`` (photo ``N % 79``,
+        after the configured latency); anything else is 404."""
         if path == "/_times":
             with lock:
                 body = json.dumps(times).encode()
@@ -179,7 +182,7 @@ def tree_rss(proc) -> int:
     for p in procs:
         try:
             total += p.memory_info().rss
-        except psutil.Error:  # exited between listing and reading
+        except psutil.Error:  # exited between listing and reading: it holds no memory now
             pass
     return total
 

@@ -55,6 +55,7 @@ def main() -> None:
         copies = [copy_of(im, 2, 1.0, 60) for im in ims]
 
     def embed(xs: list[Image.Image]) -> np.ndarray:
+        """L2-normalised image embeddings of ``xs``, float32 ``(len(xs), D)``, 32 images per forward."""
         out = []
         for i in range(0, len(xs), 32):
             out += [r.image_embedding for r in scorer.score(xs[i:i + 32], [[]] * len(xs[i:i + 32]), embed=True)]

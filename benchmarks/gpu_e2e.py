@@ -56,6 +56,7 @@ class BusySampler(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
+        """Append one GPU busy % (0-100, NVML) every 0.1 s until :attr:`stop` is set."""
         import torch
 
         while not self.stop.wait(0.1):

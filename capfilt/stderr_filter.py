@@ -80,7 +80,7 @@ class StderrFilter:
         try:
             sys.stderr.flush()
         except (OSError, ValueError):
-            pass
+            pass  # stderr already closed: nothing left to flush
         os.dup2(self._orig, 2)  # our write end of the pipe closes; children may still hold theirs
         if self._thread is not None:
             self._thread.join(timeout=1.0)
@@ -119,4 +119,4 @@ class StderrFilter:
             if out:
                 os.write(orig, out)
         except OSError:
-            pass
+            pass  # the real stderr is gone (closed terminal): drop the line rather than fail the run

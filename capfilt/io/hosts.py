@@ -177,6 +177,8 @@ class _HostState:
         self.peak = 0
 
     def idle(self, now: float) -> bool:
+        """True when nothing is in flight or waiting for this host and no rate or Retry-After pause
+        holds it at ``now`` (``time.monotonic()`` seconds): the entry can be dropped."""
         return self.inflight == 0 and self.waiters == 0 and self.next_start <= now and self.not_before <= now
 
 
@@ -330,6 +332,8 @@ def map_per_host(fn: Callable[[object], object], items: list, keys: list[str], t
     errors: list[BaseException] = []
 
     def take() -> tuple[int, str] | None:
+        """The next ``(row index, host key)`` from a host below its cap (blocks until one is free),
+        or ``None`` when every row is taken or a worker failed."""
         nonlocal head
         with cond:
             while True:
@@ -353,6 +357,7 @@ def map_per_host(fn: Callable[[object], object], items: list, keys: list[str], t
                 cond.wait()
 
     def done(key: str) -> None:
+        """Release a slot of host ``key`` and requeue the host if it has rows left."""
         with cond:
             running[key] -= 1
             if queues[key] and key not in ready_set:
@@ -361,6 +366,7 @@ def map_per_host(fn: Callable[[object], object], items: list, keys: list[str], t
             cond.notify()
 
     def worker() -> None:
+        """One thread: take rows and fetch them until there are none; the first error stops all."""
         while True:
             got = take()
             if got is None:

@@ -186,7 +186,7 @@ def drop_staging(out: Location, shard_id: int) -> None:
     try:
         out.fs.delete_dir(folder.path)
     except FileNotFoundError:
-        pass
+        pass  # already deleted (by the writer that committed the shard, or a flush): nothing to do
 
 
 @dataclass(frozen=True)
