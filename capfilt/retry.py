@@ -287,18 +287,14 @@ def _homes(out: Location, parts: dict[str, CommittedPart], staged: dict[str, lis
                 key_cache[name] = set(pq.read_table(f, columns=["key"]).column("key").to_pylist())
         return key_cache[name]
 
-    for name in staged:
-        if name in parts:
-            mine = keys_of(name) & lost
-            if mine:
-                homes.setdefault(name, set()).update(mine)
-                lost -= mine
-    if lost:
-        for name in parts:
-            found = keys_of(name) & lost
-            if found:
-                homes.setdefault(name, set()).update(found)
-                lost -= found
+    # the part a staged result was picked from first, then any committed part (a part renamed since)
+    for name in [n for n in staged if n in parts] + list(parts):
+        if not lost:
+            break
+        found = keys_of(name) & lost
+        if found:
+            homes.setdefault(name, set()).update(found)
+            lost -= found
     if lost:
         log.warning("%s: %d staged retry rows belong to no committed part and were dropped (the rows are "
                     "redone by the resume)", out.uri, len(lost))
