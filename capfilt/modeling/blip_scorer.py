@@ -16,6 +16,8 @@ all its candidate texts:
 Texts are tokenized as ``BlipProcessor`` does (``[CLS] text [SEP]``), padded to the longest text of
 the call and truncated to ``max_text_tokens`` (BLIP/LAVIS ``max_txt_len`` 35), so long web captions
 never crash. Results equal :func:`naive_scores` (one full model forward per pair) up to float error.
+All attention (the ViT's, the text encoder's, the folded cross-attention) runs through
+``scaled_dot_product_attention`` (:mod:`capfilt.modeling.attention`).
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ class BlipScorer:
     @classmethod
     def from_spec(cls, spec: ModelSpec, preset: ModelPreset, scorers: Sequence[str] = ("itm", "itc"),
                   max_text_tokens: int = 35, itm_text_prefix: str = "auto") -> "BlipScorer":
-        """Load the filter checkpoint named by ``spec`` (eager attention: BLIP has no SDPA path).
+        """Load the filter checkpoint named by ``spec``; its attention is switched to the fused kernel
+        (:mod:`capfilt.modeling.attention`: transformers has only eager attention for BLIP).
 
         ``itm_text_prefix: auto`` follows the ``capfilt.json`` a capfilt-trained checkpoint holds.
 
@@ -86,9 +89,11 @@ class BlipScorer:
         from transformers import BlipForImageTextRetrieval, BlipProcessor
 
         from capfilt.errors import ModelLoadError
+        from capfilt.modeling.attention import use_fused_attention
         from capfilt.modeling.loading import load_pretrained, load_processor, model_record
 
         model = load_pretrained(BlipForImageTextRetrieval, spec, preset, attn_implementation="eager")
+        use_fused_attention(model)
         processor = load_processor(BlipProcessor, spec, preset)
         record = model_record(spec, preset)
         try:
@@ -183,11 +188,12 @@ class BlipScorer:
         The text encoder of ``BlipForImageTextRetrieval`` (``text_encoder(..., encoder_hidden_states)``)
         layer by layer with the same modules: self-attention and feed-forward through the HF
         modules; cross-attention with the per-image keys/values of :meth:`_cross_kv`, the queries
-        of all texts of one image folded into one ``(heads, texts*L, d)`` matmul (each query token
+        of all texts of one image folded into one ``(heads, texts*L, d)`` fused attention call (each query token
         attends to the image independently, so this is the same computation without repeating the
         image per text). Equal to the per-pair forward up to float rounding (tests: 1e-5).
         """
         import torch
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
 
         encoder = self.model.text_encoder
         kv = self._cross_kv(image_embeds)
@@ -209,8 +215,7 @@ class BlipScorer:
                 start = 0
                 for img, cnt in zip(groups.tolist(), counts.tolist()):
                     qi = q[start:start + cnt].transpose(0, 1).reshape(heads, cnt * length, dh)
-                    scores = torch.matmul(qi, keys[img].transpose(-1, -2)) / math.sqrt(dh)  # (h, cnt*L, N)
-                    ci = torch.matmul(torch.softmax(scores, dim=-1), values[img])  # (h, cnt*L, d)
+                    ci = sdpa(qi, keys[img], values[img], scale=1.0 / math.sqrt(dh))  # (h, cnt*L, d)
                     ctx[start:start + cnt] = ci.view(heads, cnt, length, dh).transpose(0, 1)
                     start += cnt
                 ctx = ctx.transpose(1, 2).reshape(t, length, dim)

@@ -10,7 +10,8 @@ stripped from the output; beam search when ``num_beams > 1``.
 Efficiency: the vision transformer runs once per image, and the decoder's cross-attention keys and
 values of the image tokens are computed once per image too (:meth:`BlipCaptioner.cross_attention_cache`);
 the ``num_captions`` sequences of an image share both (``generate`` alone would re-project the image
-tokens for every sequence).
+tokens for every sequence). Attention in the ViT and the decoder runs through
+``scaled_dot_product_attention`` (:mod:`capfilt.modeling.attention`; transformers' BLIP is eager-only).
 
 Reproducibility: every image has its own ``torch.Generator`` seeded from its row seed, so its
 captions do not depend on which other images share the batch, and for one image they equal
@@ -163,16 +164,19 @@ class BlipCaptioner:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, preset: ModelPreset) -> "BlipCaptioner":
-        """Load the checkpoint named by ``spec`` (eager attention: BLIP has no SDPA path).
+        """Load the checkpoint named by ``spec``; its attention is switched to the fused kernel
+        (:mod:`capfilt.modeling.attention`: transformers has only eager attention for BLIP).
 
         Raises:
             ModelLoadError: the checkpoint or its processor cannot be loaded.
         """
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
+        from capfilt.modeling.attention import use_fused_attention
         from capfilt.modeling.loading import load_pretrained, load_processor
 
         model = load_pretrained(BlipForConditionalGeneration, spec, preset, attn_implementation="eager")
+        use_fused_attention(model)
         return cls(model, load_processor(BlipProcessor, spec, preset))
 
     # ---------------------------------------------------------------------------------------
