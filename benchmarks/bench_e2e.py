@@ -22,7 +22,8 @@ second) are printed last.
     PYTHONPATH=. python benchmarks/bench_e2e.py --images 16 --captions 10 --reps 3
     PYTHONPATH=. python benchmarks/bench_e2e.py --size tiny --images 16 --reps 1   # smoke test
     # variants: --variant threads1 / threads2 (resources.{caption,score}.threads), --variant noblocks
-    # (output.block_rows=1000: a shard moves as one block), --variant fused (resources.fused=true)
+    # (output.block_rows=1000: a shard moves as one block), --variant fused (resources.fused=true),
+    # --variant twopools (resources.fused=false), --variant local / local_fused (--executor local)
 """
 
 from __future__ import annotations
@@ -44,10 +45,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PHOTOS = ROOT / "tests" / "fixtures" / "coco" / "images"
 PROMPT, TOP_P, MAX_LENGTH, MIN_LENGTH, REP = "a picture of ", 0.9, 30, 5, 1.1
 
-#: capfilt variants: extra ``--set`` overrides.
+#: capfilt variants: extra ``--set`` overrides (Ray executor unless listed in :data:`LOCAL`).
 VARIANTS = {"default": [], "threads1": ["resources.caption.threads=1", "resources.score.threads=1"],
             "threads2": ["resources.caption.threads=2", "resources.score.threads=2"],
-            "noblocks": ["output.block_rows=1000"], "fused": ["resources.fused=true"]}
+            "noblocks": ["output.block_rows=1000"], "fused": ["resources.fused=true"],
+            "twopools": ["resources.fused=false"], "local": [], "local_fused": ["resources.fused=true"]}
+#: variants run with ``--executor local`` (in this process, a thread per stage).
+LOCAL = {"local", "local_fused"}
 
 
 def save_weights(size: str, folder: Path, device: str = "cpu", dtype: str = "float32") -> Path:
@@ -109,6 +113,7 @@ def capfilt_run(preset: Path, inp: Path, k: int, variant: str) -> dict:
     t0 = time.perf_counter()
     try:
         res = run(RunOptions(inputs=[str(inp)], output=str(out), pipeline="blip", models=str(preset), progress=False,
+                             executor="local" if variant in LOCAL else "ray",
                              overrides=["download.allow_private_network=true", f"caption.num_captions={k}",
                                         f"caption.max_length={MAX_LENGTH}", f"caption.min_length={MIN_LENGTH}",
                                         "score.scorers=[itm]", "select.itm_threshold=0.5"] + VARIANTS[variant]))

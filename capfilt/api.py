@@ -26,7 +26,8 @@ from capfilt.output import check_not_file, check_overlap, identity, prepare_outp
 from capfilt.plan import Source, fingerprints, inspect_source, plan_shards
 from capfilt.progress import RunProgress
 from capfilt.retry import merge_staged, wanted_set
-from capfilt.runner import StagePlan, init_ray, prepare_ray, run_local, run_ray, stage_counter
+from capfilt.local_runner import run_local
+from capfilt.runner import StagePlan, init_ray, prepare_ray, run_ray, stage_counter
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import specs_table, stream_blocks
 from capfilt.stages.registry import (build_stages, filter_models, finish_run, known_stages, model_roles, output_schema,
@@ -186,8 +187,8 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
         record = record.model_copy(update={"retries": previous.retries})
     write_run_record(out, record)
     t_exec = time.time()
-    # under Ray a shard streams through the stages in blocks of block_rows and is committed whole
-    table = specs_table(stream_blocks(specs, block_rows(cfg)) if executor == "ray" else specs)
+    # a shard streams through the stages in blocks of block_rows and is committed whole
+    table = specs_table(stream_blocks(specs, block_rows(cfg)))
     counter = stage_counter(executor)  # per-stage rows for the progress lines
     try:
         stream = (run_ray(table, plans, opts.ray_address, opts.progress, getattr(counter, "name", None))

@@ -159,6 +159,9 @@ class CaptionConfig(Strict):
 
     ``num_beams > 1`` switches to beam search (less diverse, worse data per BLIP §4.3; not default).
     ``seed`` is combined with each row's key, so a row's captions never depend on its batch.
+    ``batch_size``: images per ``generate`` call (32: each decoding step reads every decoder
+    weight once for the whole batch, so larger batches cost less per image; halved on CUDA
+    out-of-memory).
     """
 
     enabled: bool = True
@@ -171,7 +174,7 @@ class CaptionConfig(Strict):
     num_beams: int = Field(1, ge=1)
     prompt: str = "a picture of "
     seed: int = 0
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "CaptionConfig":
@@ -474,10 +477,21 @@ class ResourcesConfig(Strict):
     """Resources for each stage; fractional CPUs keep 2-core machines from deadlocking.
 
     ``fused``: caption and score run in one actor (``caption_score``, :mod:`capfilt.stages.fused`)
-    instead of two pools: one model process and one GPU share, each image decoded once.
+    instead of two pools: one model process, one GPU share, each image decoded once, and on a CPU
+    node every core for whichever model is computing (1.5x the two pools end to end on 2 cores,
+    ``benchmarks/RESULTS.md``). ``auto`` (the default) is resolved when the recipe is read: fused,
+    unless the recipe sets ``resources.caption`` or ``resources.score`` (which only two pools use);
+    ``false`` forces two pools.
     """
 
-    fused: bool = False
+    fused: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_fused(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("fused", "auto") == "auto":
+            data = {**data, "fused": not ({"caption", "score"} & set(data))}
+        return data
 
     read: StageResources = StageResources(num_cpus=0.25)
     download: StageResources = StageResources(num_cpus=0.5)

@@ -10,8 +10,8 @@ a ``fanout`` stage takes one spec at a time and every other stage a whole block
 the blocks of one shard and the ``sink`` commits the shard whole when its last block arrives.
 Model actors get torch threads by :func:`actor_threads`. Nothing here knows a stage by name.
 
-:func:`run_local` runs the same stages in this process, shard after shard: for model-free recipes
-(``refilter``) and debugging.
+:func:`run_local` (:mod:`capfilt.local_runner`) runs the same stages in this
+process, a thread per stage, for small runs, model-free recipes (``refilter``) and debugging.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from capfilt.config import StageResources
 from capfilt.errors import CapfiltError
+from capfilt.local_runner import counted_call
 from capfilt.stages.base import ACTOR_SHAPES, Stage
 
 log = logging.getLogger(__name__)
@@ -44,28 +45,6 @@ class StagePlan:
 
 class ResourceError(CapfiltError):
     """A stage asks for resources the Ray cluster does not have (raised before any work)."""
-
-
-def run_local(specs: pa.Table, plans: list[StagePlan], counter: StageCounter | None = None) -> Iterator[pa.Table]:
-    """Run every stage in this process, one shard spec at a time.
-
-    Args:
-        specs: one row per shard spec.
-        plans: stages in order.
-        counter: per-stage row counts for the progress lines (:func:`stage_counter`); ``None``: none.
-
-    Yields:
-        The last stage's output for each shard (the sink's stats rows).
-    """
-    for p in plans:
-        p.stage.setup()
-    for i in range(specs.num_rows):
-        t = specs.slice(i, 1)
-        for p in plans:
-            t = _counted_call(p.stage, t, counter.add if counter is not None else None)
-            if t.num_rows == 0:
-                break
-        yield t
 
 
 def set_torch_threads(threads: int) -> int:
@@ -131,33 +110,6 @@ class StageCounter:
         """``{stage name: (rows started, rows done)}`` now."""
         with self._lock:
             return {k: (v[0], v[1]) for k, v in self._counts.items()}
-
-
-def _counted_call(stage: Stage, batch: pa.Table, report: Any) -> pa.Table:
-    """``stage(batch)``, reporting rows in and out to ``report(stage, started, done)`` (``None``: no report).
-
-    A ``fanout`` stage turns one spec into a shard's rows: it counts its output rows when done. A
-    ``sink`` turns rows into one stats row: it counts its input rows. Every other stage keeps its
-    rows, so it counts its input rows when it starts and its output rows when it ends.
-    """
-    if report is None:
-        return stage(batch)
-    if stage.shape != "fanout":
-        _safe_report(report, stage.name, batch.num_rows, 0)
-    out = stage(batch)
-    if stage.shape == "fanout":
-        _safe_report(report, stage.name, out.num_rows, out.num_rows)
-    else:
-        _safe_report(report, stage.name, 0, batch.num_rows if stage.shape == "sink" else out.num_rows)
-    return out
-
-
-def _safe_report(report: Any, name: str, started: int, done: int) -> None:
-    """Progress counting is best effort: it never fails a block."""
-    try:
-        report(name, started, done)
-    except Exception as e:  # noqa: BLE001 - a lost counter actor must not cost a shard
-        log.debug("stage progress count lost: %s", e)
 
 
 #: Per worker process: counter actor handles by name.
@@ -246,9 +198,9 @@ def _actor_class(stage: Stage, threads: int | None = None, counter: str | None =
             self.report = _ray_reporter(counter)
 
         def __call__(self, batch: pa.Table) -> pa.Table:
-            return _counted_call(self.stage, batch, self.report)
+            return counted_call(self.stage, batch, self.report)
 
-    _ActorStage.__name__ = _ActorStage.__qualname__ = f"{stage.name.capitalize()}Actor"
+    _ActorStage.__name__ = _ActorStage.__qualname__ = "".join(w.capitalize() for w in stage.name.split("_")) + "Actor"
     return _ActorStage
 
 
@@ -257,7 +209,7 @@ def _task_fn(stage: Stage, counter: str | None = None):
     def fn(batch: pa.Table) -> pa.Table:
         """Run the task stage on one block (setup is idempotent and cheap)."""
         stage.setup()  # task stages keep setup idempotent and cheap
-        return _counted_call(stage, batch, _ray_reporter(counter))
+        return counted_call(stage, batch, _ray_reporter(counter))
 
     fn.__name__ = f"{stage.name}"
     return fn

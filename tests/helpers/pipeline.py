@@ -76,7 +76,7 @@ def record_all(tmp: Path) -> Recorded:
     cfg = metadata_config(**{"blocklist.enabled": True, "blocklist.lists": [str(tmp / "blocklist.txt")],
                              "langid.enabled": True, "decontam.enabled": True,
                              "decontam.eval_sets": [str(tmp / "eval")], "safety.enabled": True,
-                             "semdedup.enabled": True})
+                             "semdedup.enabled": True, "resources.fused": False})  # caption, score recorded apart
     files = inspect_inputs([str(write_input(tmp))], cfg.input)
     rec.scorers = list(cfg.score.scorers)
     out = locate(str(tmp / "out"))
@@ -84,7 +84,7 @@ def record_all(tmp: Path) -> Recorded:
                      schema=output_schema(passthrough_fields(files), rec.scorers, RUN_ID))
     specs, _ = plan_metadata_shards(files, cfg.output.rows_per_shard, [])
     run_recorded(cfg, ctx, specs_table(specs), rec)
-    # the fused caption+score stage (resources.fused) gets what the caption stage got
+    # the fused caption+score stage (the default layout) gets what the caption stage got
     from capfilt.stages.caption import CaptionStage
     from capfilt.stages.fused import CaptionScoreStage
 

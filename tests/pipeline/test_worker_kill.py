@@ -2,7 +2,7 @@
 
 While a real run is going (real Ray, tiny models, photos from a slow 127.0.0.1 server), a watcher
 thread finds, among this process's descendants, the captioner actor while it is processing a
-block (its process title reads ``ray::MapWorker(MapBatches(CaptionActor)).submit``) and a download
+block (its process title reads ``ray::MapWorker(MapBatches(CaptionScoreActor)).submit``) and a download
 task worker while it runs (``ray::MapBatches(download)``), and kills each with SIGKILL. Ray
 restarts the actor and retries both lost calls (Ray Data's defaults: ``max_restarts=-1``,
 ``max_task_retries=-1``, ``max_retries=-1``); the output must still hold every row exactly once.
@@ -29,8 +29,8 @@ from tests.helpers.httpserver import ImageServer, photo_server
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "coco" / "images").glob("*.jpg"))[:8]
 ROWS, PER_SHARD = 48, 4
 BLOCK = 2  # rows per streaming block: a shard arrives at the writer in two blocks (issue 15)
-CAPTION_BUSY = "ray::MapWorker(MapBatches(CaptionActor)).submit"
-CAPTION_ANY = "ray::MapWorker(MapBatches(CaptionActor))"
+CAPTION_BUSY = "ray::MapWorker(MapBatches(CaptionScoreActor)).submit"  # the fused default
+CAPTION_ANY = "ray::MapWorker(MapBatches(CaptionScoreActor))"
 DOWNLOAD_BUSY = "ray::MapBatches(download)"
 DEDUP_BUSY = "ray::MapWorker(MapBatches(DedupActor)).submit"
 WRITE_BUSY = "MapBatches(write)"  # a task, possibly fused after select: ray::MapBatches(select)->MapBatches(write)

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 from capfilt.io.filesystem import locate
 from capfilt.io.reader import inspect_inputs, passthrough_fields
 from capfilt.io.writer import scan_output
-from capfilt.runner import StagePlan, run_local
+from capfilt.local_runner import run_local
+from capfilt.runner import StagePlan
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import plan_metadata_shards, specs_table
 from capfilt.stages.registry import METADATA_STAGES, build_stages, output_schema, totals_from_stats

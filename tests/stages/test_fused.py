@@ -33,8 +33,8 @@ def _batch() -> pa.Table:
 
 
 def test_recipe_switch_replaces_caption_and_score_by_one_stage():
-    two = enabled_stages(load_pipeline("blip", {}))
-    one = enabled_stages(load_pipeline("blip", {"resources.fused": True}))
+    two = enabled_stages(load_pipeline("blip", {"resources.fused": False}))
+    one = enabled_stages(load_pipeline("blip", {}))  # fused is the default
     assert CaptionStage in two and ScoreStage in two and CaptionScoreStage not in two
     assert CaptionScoreStage in one and CaptionStage not in one and ScoreStage not in one
     assert one.index(CaptionScoreStage) == two.index(CaptionStage)

@@ -65,14 +65,27 @@ def test_map_batches_arguments_per_stage():
 
 
 def test_auto_gpus_share_a_device_between_caption_and_score_and_give_the_fused_stage_one():
-    two = {p.stage.name: p.resources.num_gpus for p in _plans()}
+    two = {p.stage.name: p.resources.num_gpus for p in _plans(**{"resources.fused": False})}
     assert two["caption"] == two["score"] == 0.5
     fused = {p.stage.name: p.resources.num_gpus for p in _plans(**{"resources.fused": True})}
     assert fused["caption_score"] == 1.0 and "caption" not in fused
+    assert {p.stage.name: p.resources.num_gpus for p in _plans()} == fused  # fused is the default
+
+
+def test_fused_is_the_default_unless_the_recipe_sizes_the_two_pools():
+    """Issue 15 item 6: one caption_score actor by default (measured faster); a recipe that sets
+    resources.caption or resources.score asks for two pools and gets them; false forces two pools."""
+    names = lambda **o: [p.stage.name for p in _plans(**o)]  # noqa: E731
+    assert names() == ["read", "download", "dedup", "caption_score", "select", "write"]
+    assert names(**{"resources.caption.num_gpus": 0.5})[3:5] == ["caption", "score"]
+    assert names(**{"resources.score.concurrency": 2})[3:5] == ["caption", "score"]
+    assert names(**{"resources.fused": False})[3:5] == ["caption", "score"]
+    assert names(**{"resources.fused": True, "resources.caption.num_gpus": 0.5})[3] == "caption_score"
+    assert names(**{"resources.fused": "auto"})[3] == "caption_score"
 
 
 def test_runtime_env_and_callables():
-    plans = _plans()
+    plans = _plans(**{"resources.fused": False})
     ds = map_stages(FakeDataset(), plans, {"CPU": 2.0}, num_shards=1, env={"HF_HOME": "/x"},
                     actor_pool=ActorPool, task_pool=TaskPool)
     assert all(kw["runtime_env"] == {"env_vars": {"HF_HOME": "/x"}} for _fn, kw in ds.calls)
@@ -80,6 +93,9 @@ def test_runtime_env_and_callables():
     kinds = {p.stage.name: (isinstance(fn, type), fn.__name__) for p, (fn, _kw) in zip(plans, ds.calls)}
     assert kinds["caption"] == (True, "CaptionActor") and kinds["dedup"] == (True, "DedupActor")
     assert kinds["download"] == (False, "download") and kinds["write"] == (False, "write")
+    fused = _plans()
+    ds = map_stages(FakeDataset(), fused, {"CPU": 2.0}, num_shards=1, env={}, actor_pool=ActorPool, task_pool=TaskPool)
+    assert ds.calls[[p.stage.name for p in fused].index("caption_score")][0].__name__ == "CaptionScoreActor"
 
 
 # --- issue 15 item 1: model actors compute on the cores Ray gives them ------------------------------------
