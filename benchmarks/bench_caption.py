@@ -60,7 +60,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="random-base")
     p.add_argument("--images", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=8, help="images per generate call")
+    p.add_argument("--batch-size", type=int, default=32, help="images per generate call (caption.batch_size)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -81,7 +81,13 @@ def main() -> None:
     files = sorted((ROOT / "tests" / "fixtures" / "coco" / "images").glob("*.jpg"))
     images = [Image.open(files[i % len(files)]).convert("RGB") for i in range(args.images)]
     seeds = list(range(args.images))
-    cap = BlipCaptioner(model, proc)
+    import copy
+
+    from capfilt.modeling.attention import use_fused_attention
+
+    ours = copy.deepcopy(model)  # capfilt's side: fused attention, as BlipCaptioner.from_spec loads it
+    use_fused_attention(ours)
+    cap = BlipCaptioner(ours, proc)
     cap.generate(images[:1], [0], Decoding(num_captions=2, max_length=8))  # warm-up
     print(f"model={args.model} device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"images={args.images} batch_size={args.batch_size}")
@@ -120,7 +126,7 @@ def main() -> None:
         print(f"naive (HF generate per image, num_return_sequences={n:2d}): {naive_t[n]:8.2f} s  "
               f"{args.images / naive_t[n]:7.2f} images/s")
     if not args.skip_unshared:
-        _unshared(model, proc, images, seeds, args, times, out, cuda)
+        _unshared(ours, proc, images, seeds, args, times, out, cuda)
     print(f"capfilt vs naive: num_captions=1 {naive_t[1] / times[1]:.2f}x, num_captions=10 "
           f"{naive_t[10] / times[10]:.2f}x")
 

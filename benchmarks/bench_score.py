@@ -95,8 +95,14 @@ def main() -> None:
     model, proc = load_model(args.model, args.device, args.dtype)
     images, texts = coco_inputs(args.images, args.texts)
     n_pairs = sum(len(t) for t in texts)
-    scorer = BlipScorer(model, proc, scorers=["itm"])
-    both = BlipScorer(model, proc, scorers=["itm", "itc"])
+    import copy
+
+    from capfilt.modeling.attention import use_fused_attention
+
+    ours = copy.deepcopy(model)  # capfilt's side: fused attention, as BlipScorer.from_spec loads it
+    use_fused_attention(ours)
+    scorer = BlipScorer(ours, proc, scorers=["itm"])
+    both = BlipScorer(ours, proc, scorers=["itm", "itc"])
 
     def sync() -> None:
         """Wait for queued CUDA work (no-op on CPU) so timings are honest."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from capfilt.config import ConfigError, ModelPreset, PipelineConfig, load_pipeline, load_preset
@@ -44,7 +45,7 @@ class RunOptions:
     ``overrides`` are applied to the recipe: ``{"section.key": value}`` with typed values (what the
     CLI passes), or ``section.key=value`` strings whose values are parsed as YAML. ``executor`` ``ray``
     runs one streaming Ray Data job (local Ray unless ``ray_address``/``RAY_ADDRESS``); ``local``
-    runs the stages in this process (model-free recipes, debugging). ``progress`` shows Ray's
+    runs the stages in this process, a thread per stage; ``auto``: :func:`choose_executor`. ``progress`` shows Ray's
     progress bars; ``progress_every`` is the seconds between progress lines in the log
     (:mod:`capfilt.progress`; 0: only the last one). ``retry_failed``: after the run, fetch again the
     rows whose failure class or status is listed (``[]``: the transient classes; :mod:`capfilt.retry`).
@@ -132,6 +133,8 @@ def run(opts: RunOptions) -> RunResult:
     from capfilt.export.after_run import export_after_run, export_destination
 
     export_destination(cfg.export, out)  # an export after the run: its folder and package checked now
+    opts = replace(opts, executor=choose_executor(opts, cfg, sum(f.num_rows for f in src.files)))
+    log.info("executor: %s", opts.executor)
     if _executor(opts, cfg) == "ray":  # start (or join) Ray before the output folder is touched
         init_ray(opts.ray_address)
     with OutputLease(out):
@@ -270,9 +273,31 @@ def _retry_failed(opts: RunOptions, cfg: PipelineConfig, ctx: RunContext, out: L
     return entry
 
 
+#: ``--executor auto`` runs an input of at most this many rows in this process
+#: (:mod:`capfilt.local_runner`) when no Ray cluster is named: starting Ray, a worker per pool and
+#: its model costs ~25 s on a 2-core laptop, more than such a run's work (benchmarks/RESULTS.md).
+LOCAL_MAX_ROWS = 1000
+
+
+def choose_executor(opts: RunOptions, cfg: PipelineConfig, input_rows: int) -> str:
+    """``ray`` or ``local`` for ``opts.executor`` (``auto`` resolved).
+
+    ``auto``: ``local`` for refilter (no model, no download); ``ray`` when a cluster is named
+    (``--ray-address`` or ``RAY_ADDRESS``, e.g. under ``ray job submit``); else ``local`` for an
+    input of at most :data:`LOCAL_MAX_ROWS` rows and ``ray`` for a larger one.
+    """
+    if opts.executor != "auto":
+        return opts.executor
+    if cfg.source == "output":
+        return "local"
+    if opts.ray_address or os.environ.get("RAY_ADDRESS"):
+        return "ray"
+    return "local" if input_rows <= LOCAL_MAX_ROWS else "ray"
+
+
 def _executor(opts: RunOptions, cfg: PipelineConfig) -> str:
-    """``ray`` or ``local``: ``auto`` is local for refilter (no model, no download), else Ray."""
-    return opts.executor if opts.executor != "auto" else ("local" if cfg.source == "output" else "ray")
+    """``ray`` or ``local`` (``opts.executor`` once :func:`choose_executor` resolved it)."""
+    return choose_executor(opts, cfg, LOCAL_MAX_ROWS + 1)
 
 
 def _try_record(out: Location, record: RunRecord) -> None:

@@ -125,7 +125,9 @@ def run(
              "'contaminated' before the models run; repeatable.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Join a Ray cluster (e.g. auto); default: "
                                                        "RAY_ADDRESS or a local Ray.")] = None,
-    executor: Annotated[str, typer.Option(help="ray | local (in-process) | auto")] = "auto",
+    executor: Annotated[str, typer.Option(help="ray | local (in-process, a thread per stage) | auto: local for inputs "
+                                               "of <= 1000 rows unless --ray-address or RAY_ADDRESS names a "
+                                               "cluster, else ray")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Delete what capfilt wrote in the output (any earlier run, same "
                                             "settings or not) and start again; other files are kept.")] = False,
     progress: Annotated[bool, typer.Option(help="Show Ray's progress bars (a terminal); capfilt's progress lines "

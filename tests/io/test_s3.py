@@ -109,7 +109,7 @@ def test_pipeline_on_s3_and_resume(s3, tmp_path, monkeypatch):
         s3.put_object(Bucket=BUCKET, Key="in/rows.parquet", Body=buf.getvalue())
 
         opts = api.RunOptions(inputs=[f"s3://{BUCKET}/in/rows.parquet"], output=f"s3://{BUCKET}/out",
-                              models="tiny", progress=False,
+                              models="tiny", progress=False, executor="ray",
                               overrides=["download.allow_private_network=true", f"output.rows_per_shard={PER_SHARD}",
                                          "output.block_rows=2",  # shards stream in blocks, staged on S3
                                          "download.image_size=64", "download.timeout=10"])

@@ -86,6 +86,7 @@ def laion_run(tmp_path_factory):
         src = _rewrite_hosts(FIXTURES / "meta/test_1000.parquet", tmp / "laion.parquet", srv.base)
         t0 = time.time()
         result = run(RunOptions(inputs=[str(tmp / "laion.parquet")], output=str(tmp / "out"), models="tiny",
+                                executor="ray",  # 1,000 rows: auto would run them in-process
                                 overrides=["download.allow_private_network=true", "download.timeout=3",
                                            "output.rows_per_shard=250", "download.thread_count=32"],
                                 progress=False))

@@ -49,7 +49,8 @@ def test_no_ray_worker_outlives_the_run(tmp_path, stop):
         before = _ray_processes()
         proc = subprocess.Popen([sys.executable, "-m", "capfilt.cli", "run", "--input", str(tmp_path / "in.parquet"),
                                  "--output", str(out), "--models", "tiny", "--allow-private-network",
-                                 "--rows-per-shard", "4", "--set", "download.image_size=64", "--no-progress"],
+                                 "--rows-per-shard", "4", "--set", "download.image_size=64", "--no-progress",
+                                 "--executor", "ray"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if stop == "SIGTERM":
             deadline = time.time() + 240

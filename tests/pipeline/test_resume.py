@@ -45,15 +45,17 @@ def _committed(out: Path) -> dict[str, tuple[int, int]]:
     return done
 
 
-def _cmd(inp: Path, out: Path) -> list[str]:
+def _cmd(inp: Path, out: Path, executor: str) -> list[str]:
     return [sys.executable, "-m", "capfilt.cli", "run", "--input", str(inp), "--output", str(out),
             "--pipeline", "download", "--allow-private-network", "--rows-per-shard", "40",
-            "--set", "download.thread_count=2", "--set", "output.block_rows=10", "--no-progress"]
+            "--set", "download.thread_count=2", "--set", "output.block_rows=10", "--no-progress",
+            "--executor", executor]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("executor", ["ray", "local"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_interrupted_run_resumes_without_duplicates_or_rewrites(tmp_path, sig):
+def test_interrupted_run_resumes_without_duplicates_or_rewrites(tmp_path, sig, executor):
     n = 800  # 20 shards of 40 rows at 0.25 s per image: minutes of work left when the signal comes
     with _slow_image_server(delay=0.25) as srv:
         pq.write_table(pa.table({"url": [srv.url(f"img/{i}.jpg") for i in range(n)],
@@ -61,7 +63,7 @@ def test_interrupted_run_resumes_without_duplicates_or_rewrites(tmp_path, sig):
         out = tmp_path / "out"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         # a test runner started in the background inherits SIGINT ignored: restore Ctrl-C for capfilt
-        proc = subprocess.Popen(_cmd(tmp_path / "in.parquet", out), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(_cmd(tmp_path / "in.parquet", out, executor), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=env, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 240
@@ -80,7 +82,7 @@ def test_interrupted_run_resumes_without_duplicates_or_rewrites(tmp_path, sig):
             assert json.loads((out / "_capfilt" / "run.json").read_text())["status"] == "interrupted"
         time.sleep(1.0)
         interrupted = _committed(out)
-        r = subprocess.run(_cmd(tmp_path / "in.parquet", out), capture_output=True, text=True, env=env, timeout=600)
+        r = subprocess.run(_cmd(tmp_path / "in.parquet", out, executor), capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     after = _committed(out)
     for name, ident in interrupted.items():

@@ -85,7 +85,7 @@ def test_killed_actor_and_task_workers_are_retried_without_loss_or_duplicates(tm
         killer.start()
         try:
             result = run(RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "out"),
-                                    models="tiny", progress=False,
+                                    models="tiny", progress=False, executor="ray",
                                     overrides=["download.allow_private_network=true", "download.image_size=64",
                                                f"output.rows_per_shard={PER_SHARD}", f"output.block_rows={BLOCK}",
                                                "download.thread_count=2", "caption.num_captions=2"]))
@@ -121,7 +121,7 @@ def test_killed_dedup_caption_and_write_workers_keep_every_key_once_and_no_self_
         rows = [{"url": srv.url(f"photo{i}.jpg"), "caption": f"web caption {i}"} for i in range(ROWS)]
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
         opts = RunOptions(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "out"), models="tiny",
-                          progress=False,
+                          progress=False, executor="ray",
                           overrides=["download.allow_private_network=true", "download.image_size=64",
                                      f"output.rows_per_shard={PER_SHARD}", f"output.block_rows={BLOCK}",
                                      "download.thread_count=2",
