@@ -24,10 +24,18 @@ from typing import Any
 
 _ALIAS = "_capfilt_img2dataset"
 _LOCK = threading.Lock()
+_LOADED: dict[str, Any] = {}  # name -> module, so the per-request calls skip importlib
 
 
 def _module(name: str):
     """``img2dataset.<name>`` loaded without running img2dataset's package ``__init__``."""
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = _LOADED[name] = _load(name)
+    return mod
+
+
+def _load(name: str):
     if "img2dataset" in sys.modules:
         return importlib.import_module(f"img2dataset.{name}")
     with _LOCK:

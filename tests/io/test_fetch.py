@@ -285,6 +285,36 @@ def test_never_ending_body_is_cut_at_the_deadline(server):
     assert 0.9 < took < 1.8
 
 
+def test_deadlines_share_one_thread_instead_of_a_timer_per_request(server):
+    """12 requests in flight at once: no Timer thread per request, one deadline thread per process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    timers_seen = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            timers_seen.append(sum(isinstance(t, threading.Timer) for t in threading.enumerate()))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(12) as ex:
+            results = list(ex.map(lambda i: fetch(server.url(f"slow/0.3/pillow_hopper.jpg?n={i}"), cfg(timeout=5.0)),
+                                  range(12)))
+    finally:
+        stop.set()
+        watcher.join()
+    assert [r.status for r in results] == [schema.SUCCESS] * 12
+    assert timers_seen and max(timers_seen) == 0
+    names = [t.name for t in threading.enumerate() if t.name == "capfilt-fetch-deadlines"]
+    assert names == ["capfilt-fetch-deadlines"]
+    started = fetch_mod.DEADLINES.started
+    assert fetch(server.url("pillow_hopper.jpg"), cfg()).status == schema.SUCCESS
+    assert fetch_mod.DEADLINES.started == started  # the next request reuses the thread
+
+
 def test_slow_but_in_time_succeeds(server):
     r = fetch(server.url("slow/0.3/pillow_hopper.jpg"), cfg(timeout=2.0))
     assert r.status == schema.SUCCESS and r.data == HOPPER
