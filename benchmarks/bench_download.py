@@ -243,7 +243,7 @@ def commands(side: str, inp: Path, out: Path, a: argparse.Namespace) -> list[str
                 "download.timeout=10", "download.retries=0", "download.min_image_size=0"] + a.capfilt_set
         cmd = [sys.executable, "-m", "capfilt.cli", "run", "--pipeline", "download", "--input", str(inp),
                "--output", str(out), "--allow-private-network", "--no-progress",
-               "--rows-per-shard", str(a.rows_per_shard)]
+               "--rows-per-shard", str(a.rows_per_shard), "--executor", a.capfilt_executor]
         for s in sets:
             cmd += ["--set", s]
         return cmd
@@ -311,6 +311,9 @@ def main() -> None:
     p.add_argument("--side", choices=["capfilt", "img2dataset", "both"], default="both")
     p.add_argument("--capfilt-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra capfilt --set override (repeatable; after the matched settings)")
+    p.add_argument("--capfilt-executor", default="ray", choices=["ray", "local"],
+                   help="capfilt's --executor (default ray: auto would run <= 1,000 rows in-process, so a "
+                        "memory scan across that size would compare two executors)")
     p.add_argument("--memory-scan", default=None, metavar="N1,N2,...",
                    help="capfilt only: one run per row count, peak RSS each and the last/first ratio")
     p.add_argument("--threads", type=int, default=64, help="download threads per process/task")

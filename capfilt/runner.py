@@ -313,7 +313,9 @@ def _init_with_retries(ray: Any, address: str | None, kwargs: dict[str, Any]) ->
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=os.cpu_count(), **kwargs)
+                # "local": a private Ray even when one already runs on this machine (ray.init() would
+                # join that one, and then refuses num_cpus)
+                ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
             return
         except Exception as e:  # Ray raises plain Exception/RuntimeError/ConnectionError here
             last = e

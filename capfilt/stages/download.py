@@ -5,8 +5,9 @@ time limits; ``X-Robots-Tag`` opt-out with img2dataset's rule) and the body is t
 stored image by :class:`capfilt.io.imaging.ImageProcessor` (Pillow safety front end +
 img2dataset's ``Resizer``). Rows are fetched on ``thread_count`` threads inside one call and their
 images processed by the calling thread as they arrive, as img2dataset's downloader does per shard,
-with at most ``per_host_concurrency`` rows of one host name at a time (:func:`capfilt.io.hosts.map_per_host`; the fetcher enforces the same cap per
-request across every thread of the process). Every failure is row data: ``status`` +
+with at most ``per_host_concurrency`` rows of one host name at a time
+(:func:`capfilt.io.hosts.map_per_host`; the fetcher enforces the same cap per request across every
+thread of the process). Every failure is row data: ``status`` +
 ``error_message``; the call itself only raises on programming errors.
 """
 

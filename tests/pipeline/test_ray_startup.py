@@ -43,3 +43,26 @@ def test_ray_start_up_that_fails_once_is_retried_and_the_run_completes(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("retrying in") == 1
     assert (tmp_path / "out" / "00000.parquet").exists()
+
+
+@pytest.mark.slow
+def test_a_ray_already_running_here_is_left_alone_without_an_address(tmp_path):
+    """Without --ray-address or RAY_ADDRESS, `capfilt run --executor ray` starts its private Ray even when
+    another Ray runs on the machine (``ray.init()`` alone would join that one and then refuse
+    ``num_cpus``: "When connecting to an existing cluster, num_cpus and num_gpus must not be provided")."""
+    from tests.helpers.raycluster import LocalRayCluster
+
+    cluster = LocalRayCluster(head_cpus=1, workers=[]).start()
+    try:
+        pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), tmp_path / "in.parquet")
+        env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
+        r = subprocess.run([sys.executable, "-m", "capfilt.cli", "run", "--input", str(tmp_path / "in.parquet"),
+                            "--output", str(tmp_path / "out"), "--pipeline", "download", "--allow-private-network",
+                            "--no-progress", "--executor", "ray"], capture_output=True, text=True, env=env,
+                           timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (tmp_path / "out" / "00000.parquet").exists()
+        assert cluster.state("tasks") == [], "the run's tasks ran on the Ray that was already running"
+        assert cluster.nodes(), "the running Ray was stopped"
+    finally:
+        cluster.stop()
