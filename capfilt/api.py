@@ -275,7 +275,7 @@ def _retry_failed(opts: RunOptions, cfg: PipelineConfig, ctx: RunContext, out: L
 
 #: ``--executor auto`` runs an input of at most this many rows in this process
 #: (:mod:`capfilt.local_runner`) when no Ray cluster is named: starting Ray, a worker per pool and
-#: its model costs ~25 s on a 2-core laptop, more than such a run's work (benchmarks/RESULTS.md).
+#: its model costs 25-40 s on a 2-core laptop, more than such a run's work (benchmarks/RESULTS.md).
 LOCAL_MAX_ROWS = 1000
 
 

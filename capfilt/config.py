@@ -478,7 +478,7 @@ class ResourcesConfig(Strict):
 
     ``fused``: caption and score run in one actor (``caption_score``, :mod:`capfilt.stages.fused`)
     instead of two pools: one model process, one GPU share, each image decoded once, and on a CPU
-    node every core for whichever model is computing (1.5x the two pools end to end on 2 cores,
+    node every core for whichever model is computing (1.26-1.29x the two pools end to end on 2 cores,
     ``benchmarks/RESULTS.md``). ``auto`` (the default) is resolved when the recipe is read: fused,
     unless the recipe sets ``resources.caption`` or ``resources.score`` (which only two pools use);
     ``false`` forces two pools.
