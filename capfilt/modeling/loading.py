@@ -197,8 +197,8 @@ def load_pretrained(cls: type, spec: ModelSpec, preset: ModelPreset, **kw: Any) 
 
     Raises:
         ModelLoadError: the checkpoint cannot be found (not cached, offline, no such repo or
-            folder, connection failure) or read; one paragraph naming the model and how to
-            provide it, no traceback.
+            folder, connection failure) or read, or its weights do not fit its config (shape
+            mismatch); one paragraph naming the model and how to provide it, no traceback.
     """
     device, dtype = resolve_device_dtype(spec)
     res = _resolve(spec, preset)
@@ -208,6 +208,14 @@ def load_pretrained(cls: type, spec: ModelSpec, preset: ModelPreset, **kw: Any) 
                                         local_files_only=res.local_only, **kw)
     except (OSError, ValueError, ConnectionError) as e:
         raise _load_error(spec, "weights", e) from None
+    except RuntimeError as e:
+        if "mismatch" not in str(e):
+            raise
+        # transformers: "You set ignore_mismatched_sizes to False ..." (its size report is logged, not raised)
+        raise ModelLoadError(f"cannot load the weights of model {spec.id!r}: their tensor shapes do not match the "
+                             f"architecture its config.json describes (e.g. a hidden size edited or a config.json "
+                             f"from another checkpoint). Put the config.json that belongs to these weights back, or "
+                             f"point the preset at the checkpoint it came from.") from None
     except Exception as e:  # httpx transport errors are not OSErrors
         if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3", "huggingface_hub"):
             raise _load_error(spec, "weights", e) from None

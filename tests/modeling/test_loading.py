@@ -159,3 +159,22 @@ def test_model_presets_do_not_claim_pins_they_do_not_have():
             spec = getattr(preset, role)
             if spec is not None and spec.revision is not None:
                 assert re.fullmatch(r"[0-9a-f]{40}", spec.revision), (path.name, role, spec.revision)
+
+
+def test_weights_that_do_not_fit_their_config_give_one_clear_error(tmp_path):
+    """Fresh-clone trial: a config.json whose vision hidden size was edited made transformers raise
+    a RuntimeError ("ignore_mismatched_sizes"), which reached the user as a traceback."""
+    import json
+    import shutil
+
+    from transformers import BlipForConditionalGeneration
+
+    folder = tmp_path / "captioner"
+    shutil.copytree(ensure_tiny_checkpoints() / "tiny-blip-captioner", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vision_config"]["hidden_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(cfg))
+    spec = ModelSpec(id=str(folder), kind="blip", device="cpu", dtype="float32")
+    preset = ModelPreset(captioner=spec, filter=spec)
+    with pytest.raises(ModelLoadError, match="tensor shapes do not match the architecture its config.json"):
+        load_pretrained(BlipForConditionalGeneration, spec, preset)
