@@ -61,7 +61,9 @@ Environment proxies (``HTTP_PROXY``) are not used: a proxy would make the addres
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import os
 import socket
 import threading
 import time
@@ -550,9 +552,6 @@ class _Deadlines:
 
     def add(self, when: float, dog: "_Watchdog") -> None:
         """Fire ``dog`` at ``time.monotonic()`` value ``when`` unless it is cancelled first."""
-        import heapq
-        import os
-
         with self._cond:
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 self._heap = [e for e in self._heap if not e[2].cancelled] if self._pid == os.getpid() else []
@@ -571,8 +570,7 @@ class _Deadlines:
             return len(self._heap)
 
     def _run(self) -> None:
-        import heapq
-
+        """Fire each due deadline (outside the lock); sleep until the next one or a new earlier one."""
         while True:
             with self._cond:
                 while self._heap and self._heap[0][2].cancelled:

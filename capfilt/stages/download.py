@@ -146,10 +146,14 @@ class DownloadStage(Stage):
         DONE = object()
 
         def fetch_one(i: int) -> None:
+            """Fetch row ``i`` (pool thread) and queue ``(i, FetchResult | ImageResult)`` for the caller;
+            blocks while ``2 * thread_count`` fetched bodies already wait. Never raises for a row."""
             window.acquire()
             arrived.put((i, self._safe_fetch(urls[i])))
 
         def feed() -> None:
+            """Run every row's fetch on the per-host scheduler, then queue ``DONE`` (or the exception
+            the scheduler raised, which the calling thread re-raises)."""
             try:
                 map_per_host(fetch_one, list(range(n)), [host_key(u) for u in urls], self.cfg.thread_count,
                              self.cfg.per_host_concurrency, "capfilt-download")
