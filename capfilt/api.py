@@ -135,7 +135,7 @@ def run(opts: RunOptions) -> RunResult:
     export_destination(cfg.export, out)  # an export after the run: its folder and package checked now
     opts = replace(opts, executor=choose_executor(opts, cfg, sum(f.num_rows for f in src.files)))
     log.info("executor: %s", opts.executor)
-    if _executor(opts, cfg) == "ray":  # start (or join) Ray before the output folder is touched
+    if opts.executor == "ray":  # start (or join) Ray before the output folder is touched
         init_ray(opts.ray_address)
     with OutputLease(out):
         try:
@@ -178,7 +178,7 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     ctx = RunContext(out.uri, run_id, preset, src.files, src.old.uri if src.old else None,
                      tuple(p.parquet for p in parts), schema)
     plans = [StagePlan(stage, res) for stage, res in build_stages(cfg, ctx)]
-    executor = _executor(opts, cfg)
+    executor = opts.executor  # resolved by run() (choose_executor)
     if executor == "ray":  # refuse impossible resources before anything is written
         prepare_ray(plans, opts.ray_address)
 
@@ -293,11 +293,6 @@ def choose_executor(opts: RunOptions, cfg: PipelineConfig, input_rows: int) -> s
     if opts.ray_address or os.environ.get("RAY_ADDRESS"):
         return "ray"
     return "local" if input_rows <= LOCAL_MAX_ROWS else "ray"
-
-
-def _executor(opts: RunOptions, cfg: PipelineConfig) -> str:
-    """``ray`` or ``local`` (``opts.executor`` once :func:`choose_executor` resolved it)."""
-    return choose_executor(opts, cfg, LOCAL_MAX_ROWS + 1)
 
 
 def _try_record(out: Location, record: RunRecord) -> None:

@@ -16,6 +16,7 @@ in the caller stops them too. Committed work stays committed (the writer's proto
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -114,22 +115,16 @@ def run_local(specs: pa.Table, plans: list[Any], counter: Any = None, depth: int
         """Set ``stage`` up, then run it on every block from ``queues[index]`` into ``queues[index + 1]``."""
         inbox, outbox = queues[index], queues[index + 1]
         report = counter.add if counter is not None else None
-        lock = models if stage.shape == "actor_pool" else None
+        turn = (lambda: models) if stage.shape == "actor_pool" else contextlib.nullcontext
         try:
-            if lock is not None:
-                with lock:
-                    stage.setup()
-            else:
+            with turn():
                 stage.setup()
             while True:
                 item = get(inbox)
                 if item is _END:
                     put(outbox, item)
                     return
-                if lock is not None:
-                    with lock:
-                        out = counted_call(stage, item, report)
-                else:
+                with turn():
                     out = counted_call(stage, item, report)
                 if out.num_rows and not put(outbox, out):
                     return
