@@ -1,12 +1,13 @@
-"""Lazy access to the two parts of img2dataset that capfilt reuses as a library.
+"""Lazy access to the part of img2dataset that capfilt reuses as a library: ``resizer.Resizer``.
 
-capfilt uses img2dataset's ``resizer.Resizer`` (resize + encode) and ``downloader.is_disallowed``
-(the ``X-Robots-Tag`` opt-out rule) unchanged. Importing them the usual way runs
-``img2dataset/__init__.py``, which imports its whole CLI (writers -> webdataset -> torch): about
-3.4 s and 400 MB of resident memory in every download worker (measured: ``ru_maxrss`` 399 MB vs
-142 MB). So the two modules are loaded from the installed img2dataset's own files under a private
+capfilt uses img2dataset's ``resizer.Resizer`` (resize + encode) unchanged. Importing it the usual
+way runs ``img2dataset/__init__.py``, which imports its whole CLI (writers -> webdataset -> torch):
+about 3.4 s and 400 MB of resident memory in every download worker (measured: ``ru_maxrss`` 399 MB
+vs 142 MB). So the module is loaded from the installed img2dataset's own files under a private
 package name (``_capfilt_img2dataset``) whose ``__init__`` is empty: the same code, without the
 CLI. If the real ``img2dataset`` package is already imported in the process, it is used directly.
+(img2dataset's ``X-Robots-Tag`` rule is re-stated in :func:`capfilt.io.fetch.robots_tag_forbids`,
+which says why.)
 
 albumentations checks the network for a newer version unless ``NO_ALBUMENTATIONS_UPDATE=1`` is
 set before its import; it is set here (``setdefault``: a user's own value wins).
@@ -49,23 +50,6 @@ def _load(name: str):
             pkg.__package__ = _ALIAS
             sys.modules[_ALIAS] = pkg
         return importlib.import_module(f"{_ALIAS}.{name}")
-
-
-def preload() -> None:
-    """Import both modules now (about 1 s the first time in a process, free afterwards)."""
-    _module("downloader")
-    _module("resizer")
-
-
-def is_disallowed(headers: Any, user_agent_token: str | None, disallowed_header_directives: set[str]) -> bool:
-    """img2dataset's ``downloader.is_disallowed`` (the ``X-Robots-Tag`` opt-out rule).
-
-    Args:
-        headers: an object with ``get_all(name, default)`` (``email.message.Message`` API).
-        user_agent_token: lower-cased token, or ``None``.
-        disallowed_header_directives: lower-cased directives such as ``{"noai", "noimageai"}``.
-    """
-    return _module("downloader").is_disallowed(headers, user_agent_token, disallowed_header_directives)
 
 
 def resizer_class():

@@ -4,8 +4,8 @@ Why not img2dataset's ``download_image``: it reads the whole body with no size b
 per-socket timeout (a server that trickles one byte every half second never ends), and lets
 urllib follow redirects with no address check (a public URL redirecting to
 ``http://169.254.169.254/`` reaches the cloud metadata endpoint). capfilt keeps img2dataset's
-*semantics* and reuses its code where it is safe to: :func:`img2dataset.downloader.is_disallowed`
-decides the ``X-Robots-Tag`` opt-out and the User-Agent string has img2dataset's format
+*semantics*: the ``X-Robots-Tag`` opt-out follows ``img2dataset.downloader.is_disallowed``
+(:func:`robots_tag_forbids`, checked against it in the tests) and the User-Agent string has img2dataset's format
 (``... (compatible; <token>; +https://github.com/rom1504/img2dataset)``). The transport is urllib3
 (one connection per request, as img2dataset opens one urllib request per image).
 
@@ -77,7 +77,6 @@ from capfilt import schema
 from capfilt.errors import row_message, shorten
 from capfilt.io import hosts
 from capfilt.io.failures import HTTP_429, classify
-from capfilt.io._img2dataset import preload
 from capfilt.io.robots import ROBOTS, ROBOTS_MAX_BYTES, RobotsFile
 
 #: Statuses after which another try could succeed.
@@ -336,37 +335,47 @@ def resolve_host(host: str, port: int, allow_private_network: bool = False) -> s
 # ---------------------------------------------------------------------------------------------
 # the fetch
 # ---------------------------------------------------------------------------------------------
-class _HeaderView:
-    """Adapts urllib3's ``HTTPHeaderDict`` to the ``get_all`` API img2dataset's ``is_disallowed`` uses."""
+def robots_tag_forbids(value: str, user_agent_token: str | None, directives: set[str]) -> bool:
+    """Whether one ``X-Robots-Tag`` header value forbids this crawler (img2dataset's rule).
 
-    def __init__(self, headers):
-        self._headers = headers
+    A value is ``[<token>:] d1, d2, ...``. Without a token it applies to every crawler; with one
+    (compared lower-cased) only to the crawler with that token. It forbids when one of its
+    directives (stripped, lower-cased) is in ``directives``. This is the rule of
+    ``img2dataset.downloader.is_disallowed``, checked value for value against it in
+    ``tests/io/test_fetch.py``. It is written here rather than imported because importing that
+    module imports img2dataset's logger and with it ``wandb`` and ``fsspec``: 0.8-1 s of start-up
+    and tens of MB in every download process (``python -X importtime``).
 
-    def get_all(self, name: str, default=None):
-        """All values of header ``name`` (the ``email.message`` API img2dataset's ``is_disallowed`` expects)."""
-        values = self._headers.getlist(name)
-        return values if values else default
+    Args:
+        value: one header value, e.g. ``"noai"`` or ``"capfilt: noimageai, nofollow"``.
+        user_agent_token: this crawler's token, lower-cased, or ``None``.
+        directives: lower-cased forbidding directives, e.g. ``{"noai", "noimageai"}``.
+    """
+    parts = value.split(":", 1)
+    token = parts[0].lower() if len(parts) == 2 else None
+    if token is not None and token != user_agent_token:
+        return False
+    return any(d.strip().lower() in directives for d in parts[-1].split(","))
 
 
 def is_opted_out(headers, user_agent_token: str | None, directives: list[str]) -> str | None:
     """The ``X-Robots-Tag`` value that opts this response out, or ``None``.
 
-    Uses :func:`img2dataset.downloader.is_disallowed` (same token/directive rules: an
-    ``X-Robots-Tag: <token>: noai`` applies only to crawlers with that token).
+    Same token/directive rules as img2dataset (:func:`robots_tag_forbids`): an
+    ``X-Robots-Tag: <token>: noai`` applies only to crawlers with that token.
 
     Args:
         headers: urllib3 ``HTTPHeaderDict`` of the response.
         user_agent_token: this crawler's token (compared lower-cased).
         directives: disallowed directives, e.g. ``["noai", "noimageai"]``.
     """
-    if not directives:
+    values = headers.getlist("X-Robots-Tag")
+    if not directives or not values:
         return None
-    from capfilt.io._img2dataset import is_disallowed
-
     token = None if user_agent_token is None else user_agent_token.strip().lower()
     wanted = {d.strip().lower() for d in directives}
-    if is_disallowed(_HeaderView(headers), token, wanted):
-        return ", ".join(headers.getlist("X-Robots-Tag"))
+    if any(robots_tag_forbids(v, token, wanted) for v in values):
+        return ", ".join(values)
     return None
 
 
@@ -393,8 +402,6 @@ def fetch(url: object, cfg, *, allow_private_network: bool | None = None) -> Fet
         return FetchResult(f.status, row_message(f.message), error_class=f.error_class)
     if clean.startswith("file:"):
         return _fetch_file(clean, cfg.max_bytes)
-    if cfg.disallowed_header_directives:
-        preload()  # import img2dataset's modules (~1 s, once) outside the request's deadline
     last: FetchFailure | None = None
     tries = failures = waits = 0
     while True:

@@ -649,3 +649,54 @@ def test_every_row_message_is_capped_even_when_it_quotes_the_input(server):
     messages = out.column("error_message").to_pylist()
     assert out.column("status").to_pylist() == [schema.FAILED_TO_DOWNLOAD, schema.INVALID_URL]
     assert all(len(m) <= ROW_MESSAGE_CHARS for m in messages), [len(m) for m in messages]
+
+
+# ---------------------------------------------------------------------------------------------
+# X-Robots-Tag: img2dataset's rule, without importing its downloader module
+# ---------------------------------------------------------------------------------------------
+ROBOTS_VALUES = ["noai", "NoAI", " noimageai , nofollow", "nofollow", "noindex, noarchive", "capfilt: noai",
+                 "CapFilt: noimageai", "otherbot: noai", "capfilt: nofollow", "capfilt : noai", "", ":",
+                 "a:b:noai", "noai:capfilt", "none, NOIMAGEAI"]
+
+
+@pytest.mark.parametrize("token", [None, "capfilt", "otherbot"])
+def test_robots_tag_rule_matches_img2dataset_value_for_value(token):
+    """capfilt's rule gives img2dataset's ``is_disallowed`` answer for every value and token."""
+    from email.message import Message
+
+    from img2dataset.downloader import is_disallowed
+
+    from capfilt.io.fetch import robots_tag_forbids
+
+    directives = {"noai", "noimageai"}
+    answers = []
+    for value in ROBOTS_VALUES:
+        msg = Message()
+        msg["X-Robots-Tag"] = value
+        theirs = is_disallowed(msg, token, directives)
+        assert robots_tag_forbids(value, token, directives) == theirs, (value, token)
+        answers.append(theirs)
+    assert True in answers and False in answers  # the table has both outcomes for every token
+
+
+def test_a_download_process_never_imports_wandb(server):
+    """Fetching (with and without an X-Robots-Tag opt-out) and resizing import no ``wandb``/img2dataset logger."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from capfilt.config import DownloadConfig\n"
+        "from capfilt.io.fetch import fetch\n"
+        "from capfilt.io.imaging import ImageProcessor\n"
+        "cfg = DownloadConfig(timeout=5.0, allow_private_network=True, robots_txt=False)\n"
+        f"ok = fetch({server.url('pillow_hopper.jpg')!r}, cfg)\n"
+        f"out = fetch({server.url('robots/noai/pillow_hopper.jpg')!r}, cfg)\n"
+        "image = ImageProcessor(cfg)(ok.data)\n"
+        "print(ok.status, out.status, image.status, 'wandb' in sys.modules,"
+        " any(m.endswith('img2dataset.logger') for m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [schema.SUCCESS, schema.OPTED_OUT, schema.SUCCESS, "False", "False"]
