@@ -27,7 +27,7 @@ from capfilt.output import check_not_file, check_overlap, identity, prepare_outp
 from capfilt.plan import Source, fingerprints, inspect_source, plan_shards
 from capfilt.progress import RunProgress
 from capfilt.retry import merge_staged, wanted_set
-from capfilt.local_runner import run_local
+from capfilt.local_runner import block_processes, run_local
 from capfilt.runner import StagePlan, init_ray, prepare_ray, run_ray, stage_counter
 from capfilt.stages.base import RunContext
 from capfilt.stages.read import specs_table, stream_blocks
@@ -194,8 +194,10 @@ def _run_leased(opts: RunOptions, cfg: PipelineConfig, preset: ModelPreset | Non
     table = specs_table(stream_blocks(specs, block_rows(cfg)))
     counter = stage_counter(executor)  # per-stage rows for the progress lines
     try:
-        stream = (run_ray(table, plans, opts.ray_address, opts.progress, getattr(counter, "name", None))
-                  if executor == "ray" else run_local(table, plans, counter))
+        if executor == "ray":
+            stream = run_ray(table, plans, opts.ray_address, opts.progress, getattr(counter, "name", None))
+        else:
+            stream = run_local(table, plans, counter, processes=block_processes(plans, table.num_rows))
         written: dict[str, dict] = {}  # by part name: two blocks finishing a shard at once both commit it
         done_rows = total_rows - sum(s.pending for s in specs)
         with RunProgress(total_rows, done_rows, opts.progress_every, [p.stage.name for p in plans],

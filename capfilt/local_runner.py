@@ -10,18 +10,31 @@ downloads. Stages that hold models (``actor_pool`` shape) take turns on one lock
 never split the cores between them (torch uses every core for one). Blocks keep their order, so
 the sink commits shards exactly as under Ray.
 
+A CPU-heavy stage (``parallel_blocks``, i.e. download) can instead spread its blocks over worker
+processes, one block per process at a time, as img2dataset spreads shards over its processes:
+:func:`block_processes` gives it one per core when no model stage runs (a download-only run, where
+decoding and resizing are the work) and the input has two blocks or more. The stage's thread then
+hands blocks to the pool and passes the results on in order. The workers are started with
+``spawn`` (never ``fork`` a process that has threads) and ignore ``SIGINT``: Ctrl-C reaches this
+process, which stops the pool.
+
 An exception in any stage stops the others and is raised to the caller; a ``KeyboardInterrupt``
 in the caller stops them too. Committed work stays committed (the writer's protocol).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import multiprocessing
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, wait
 from typing import Any
 
 import pyarrow as pa
@@ -63,7 +76,41 @@ def _safe_report(report: Any, name: str, started: int, done: int) -> None:
         log.debug("stage progress count lost: %s", e)
 
 
-def run_local(specs: pa.Table, plans: list[Any], counter: Any = None, depth: int = QUEUE_DEPTH) -> Iterator[pa.Table]:
+def block_processes(plans: list[Any], blocks: int, cpus: int | None = None) -> int:
+    """Worker processes for the ``parallel_blocks`` stages of a local run (1: in the stage's thread).
+
+    One per core (``resources.<stage>.concurrency`` caps it when set) when no model stage runs and
+    there are at least two blocks; with a model stage the models take the cores (and decoding is a
+    small part of the work), and one block gains nothing from a second process.
+
+    Args:
+        plans: :class:`capfilt.runner.StagePlan` s (``.stage``; ``.resources`` when present).
+        blocks: blocks in the run (specs after :func:`capfilt.stages.read.stream_blocks`).
+        cpus: cores to use (default: ``os.cpu_count()``).
+    """
+    if blocks < 2 or any(p.stage.shape in ("actor_pool", "single_actor") for p in plans):
+        return 1
+    n = cpus or os.cpu_count() or 1
+    for p in plans:
+        cap = getattr(getattr(p, "resources", None), "concurrency", None)
+        if p.stage.parallel_blocks and cap is not None:
+            n = min(n, cap if isinstance(cap, int) else cap[1])
+    return max(1, min(n, blocks))
+
+
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C is the parent's to handle (it stops the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _call_in_worker(stage: Stage, batch: pa.Table) -> pa.Table:
+    """``stage(batch)`` in a worker process (the stage arrives pickled with every block)."""
+    stage.setup()
+    return stage(batch)
+
+
+def run_local(specs: pa.Table, plans: list[Any], counter: Any = None, depth: int = QUEUE_DEPTH,
+              processes: int = 1) -> Iterator[pa.Table]:
     """Run every stage in this process, one thread per stage, blocks streaming between them.
 
     Args:
@@ -72,6 +119,8 @@ def run_local(specs: pa.Table, plans: list[Any], counter: Any = None, depth: int
         counter: per-stage row counts for the progress lines (``.add(name, started, done)``,
             thread-safe); ``None``: none.
         depth: blocks buffered between two stages (>= 1).
+        processes: worker processes for each ``parallel_blocks`` stage (:func:`block_processes`);
+            1 runs it in its thread like the others.
 
     Yields:
         The last stage's output for each spec, in spec order (the sink's stats rows). A spec
@@ -132,9 +181,57 @@ def run_local(specs: pa.Table, plans: list[Any], counter: Any = None, depth: int
             errors.append(e)
             stop.set()
 
+    def work_in_processes(index: int, stage: Stage) -> None:
+        """Run ``stage`` on every block from ``queues[index]`` in ``processes`` worker processes,
+        at most ``2 * processes`` blocks submitted at once, results handed on in block order."""
+        inbox, outbox = queues[index], queues[index + 1]
+        pending: collections.deque = collections.deque()  # futures, in block order
+        ended = False
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_ignore_sigint)
+        try:
+            while not stop.is_set():
+                if pending and pending[0].done():
+                    out = pending.popleft().result()
+                    if counter is not None:
+                        _safe_report(counter.add, stage.name, 0, out.num_rows)
+                    if out.num_rows and not put(outbox, out):
+                        return
+                elif not ended and len(pending) < 2 * processes:
+                    try:
+                        item = inbox.get(timeout=0.05)
+                    except queue.Empty:
+                        if pending:
+                            wait([pending[0]], timeout=0.05)
+                        continue
+                    if item is _END:
+                        ended = True
+                        continue
+                    if counter is not None:
+                        _safe_report(counter.add, stage.name, item.num_rows, 0)
+                    pending.append(pool.submit(_call_in_worker, stage, item))
+                elif pending:
+                    wait([pending[0]], timeout=0.1)
+                else:
+                    put(outbox, _END)
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, which re-raises it
+            errors.append(e)
+            stop.set()
+        finally:
+            if stop.is_set():  # a failure or Ctrl-C: end the workers now, not after their blocks
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):  # no public API before 3.14
+                    proc.terminate()
+            pool.shutdown(wait=not stop.is_set(), cancel_futures=True)
+
+    def target(stage: Stage):
+        """The thread body for ``stage``: :func:`work_in_processes` for a ``parallel_blocks`` task
+        stage when ``processes > 1``, else :func:`work`."""
+        return work_in_processes if processes > 1 and stage.parallel_blocks and stage.shape == "task" else work
+
     threads = [threading.Thread(target=feed, name="capfilt-local-feed", daemon=True)]
-    threads += [threading.Thread(target=work, args=(i, p.stage), name=f"capfilt-local-{p.stage.name}", daemon=True)
-                for i, p in enumerate(plans)]
+    threads += [threading.Thread(target=target(p.stage), args=(i, p.stage), name=f"capfilt-local-{p.stage.name}",
+                                 daemon=True) for i, p in enumerate(plans)]
     for t in threads:
         t.start()
     try:

@@ -66,6 +66,8 @@ class Stage:
     - ``section``: the recipe section it is built from (``None``: none); a section with an
       ``enabled`` flag switches the stage on and off;
     - ``shape``: how the runner executes it (:data:`Shape`);
+    - ``parallel_blocks``: whether the in-process executor may spread its blocks over worker
+      processes (a CPU-heavy ``task`` stage);
     - ``fields``: the output columns it adds (groups of :mod:`capfilt.schema`), see
       :meth:`output_fields`;
     - :meth:`model_roles`, :meth:`build`, :meth:`stats`, :meth:`throughput` and :meth:`finish`.
@@ -78,6 +80,10 @@ class Stage:
     name: ClassVar[str] = "stage"
     section: ClassVar[str | None] = None
     shape: ClassVar[Shape] = "task"
+    #: The in-process executor may run this ``task`` stage's blocks in worker processes, one block
+    #: per process at a time (:func:`capfilt.local_runner.block_processes`): for a CPU-heavy stage
+    #: whose instance pickles cheaply and keeps no state from one block to the next (download).
+    parallel_blocks: ClassVar[bool] = False
     fields: ClassVar[tuple[pa.Field, ...]] = ()
     #: Resources when the recipe's ``resources`` section has no entry named :attr:`name`.
     default_resources: ClassVar[StageResources] = StageResources(num_cpus=0.25)

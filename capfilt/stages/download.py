@@ -53,6 +53,7 @@ class DownloadStage(Stage):
 
     name: ClassVar[str] = "download"
     section: ClassVar[str] = "download"
+    parallel_blocks: ClassVar[bool] = True  # decode + resize is CPU work; the instance is cfg only
     fields: ClassVar[tuple[pa.Field, ...]] = tuple(schema.DOWNLOAD_FIELDS)
 
     def __init__(self, cfg: DownloadConfig):

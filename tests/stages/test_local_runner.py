@@ -137,3 +137,89 @@ def test_empty_blocks_are_dropped_and_the_counter_sees_every_stage():
     out = list(run_local(_specs(3), _plans(_Spec(), Drop("drop", 0), _Add("a", 1)), Counter()))
     assert [t.column("x")[0].as_py() for t in out] == [1, 21]
     assert counts == {"read": [9, 9], "drop": [9, 6], "a": [6, 6]}  # drop: 9 rows in, 6 out
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel_blocks stages in worker processes
+# ---------------------------------------------------------------------------------------------
+class _InWorker(Stage):
+    """A ``parallel_blocks`` task: adds 1 to ``x`` and records the process id; ``fail_on``: raise
+    on the block whose first ``x`` is that value; ``die_on``: the worker kills itself there."""
+
+    name = "work"
+    shape = "task"
+    parallel_blocks = True
+
+    def __init__(self, fail_on: int | None = None, die_on: int | None = None, pause: float = 0.3):
+        self.fail_on, self.die_on, self.pause = fail_on, die_on, pause
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import os
+        import signal
+        import time
+
+        first = batch.column("x")[0].as_py()
+        if first == self.fail_on:
+            raise ValueError(f"block starting at {first} is bad")
+        if first == self.die_on:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(self.pause)  # long enough that both workers take blocks
+        return pa.table({"x": [v + 1 for v in batch.column("x").to_pylist()], "pid": [os.getpid()] * batch.num_rows})
+
+
+class _Counter:
+    def __init__(self):
+        self.rows: dict[str, list[int]] = {}
+        self.lock = threading.Lock()
+
+    def add(self, name: str, started: int, done: int) -> None:
+        with self.lock:
+            got = self.rows.setdefault(name, [0, 0])
+            got[0] += started
+            got[1] += done
+
+
+def test_a_parallel_blocks_stage_runs_in_worker_processes_with_order_and_counts_kept():
+    import os
+
+    counter = _Counter()
+    out = list(run_local(_specs(6), _plans(_Spec(), _InWorker()), counter, processes=2))
+    assert [t.column("x").to_pylist() for t in out] == [[n * 10 + i + 1 for i in range(3)] for n in range(6)]
+    pids = {p for t in out for p in t.column("pid").to_pylist()}
+    assert len(pids) == 2 and os.getpid() not in pids  # two workers, neither of them this process
+    assert counter.rows["work"] == [18, 18]
+
+
+def test_processes_1_keeps_a_parallel_blocks_stage_in_its_thread():
+    import os
+
+    out = list(run_local(_specs(2), _plans(_Spec(), _InWorker(pause=0.0)), processes=1))
+    assert {p for t in out for p in t.column("pid").to_pylist()} == {os.getpid()}
+
+
+def test_an_error_in_a_worker_process_is_raised_to_the_caller():
+    with pytest.raises(ValueError, match="block starting at 30 is bad"):
+        list(run_local(_specs(6), _plans(_Spec(), _InWorker(fail_on=30)), processes=2))
+
+
+def test_a_killed_worker_process_fails_the_run_instead_of_hanging():
+    from concurrent.futures.process import BrokenProcessPool
+
+    with pytest.raises(BrokenProcessPool):
+        list(run_local(_specs(6), _plans(_Spec(), _InWorker(die_on=20)), processes=2))
+
+
+def test_block_processes_one_per_core_only_without_models_and_with_two_blocks_or_more():
+    from capfilt.config import DownloadConfig, StageResources
+    from capfilt.local_runner import block_processes
+    from capfilt.stages.download import DownloadStage
+
+    download = SimpleNamespace(stage=DownloadStage(DownloadConfig()), resources=StageResources())
+    write = SimpleNamespace(stage=_Add("write", 0, shape="sink"), resources=StageResources())
+    model = SimpleNamespace(stage=_Add("caption", 0, shape="actor_pool"), resources=StageResources())
+    assert block_processes([download, write], blocks=10, cpus=4) == 4
+    assert block_processes([download, write], blocks=3, cpus=4) == 3  # never more processes than blocks
+    assert block_processes([download, write], blocks=1, cpus=4) == 1
+    assert block_processes([download, model, write], blocks=10, cpus=4) == 1  # the models take the cores
+    capped = SimpleNamespace(stage=download.stage, resources=StageResources(concurrency=2))
+    assert block_processes([capped, write], blocks=10, cpus=4) == 2
