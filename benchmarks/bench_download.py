@@ -28,7 +28,8 @@ resize            ``download.resize_mode=keep_ratio``             ``--resize_mod
 encoding          ``download.encode_format=jpg``, ``..._quality``  ``--encode_format jpg --encode_quality Q``
 threads           ``download.thread_count=T`` (per task)          ``--thread_count T`` (per process)
 processes         ``resources.download.concurrency=P`` (at most    ``--processes_count P``
-                  P download tasks at once, each a Ray worker)
+                  P download processes: worker processes in-
+                  process, Ray workers under ``--executor ray``)
 shard             ``--rows-per-shard 1000``                       ``--number_sample_per_shard 1000``
 timeout, retries  ``download.timeout=10``, ``download.retries=0``  ``--timeout 10 --retries 0``
 small images      ``download.min_image_size=0``                   ``--min_image_size 0`` (its default)
@@ -311,9 +312,9 @@ def main() -> None:
     p.add_argument("--side", choices=["capfilt", "img2dataset", "both"], default="both")
     p.add_argument("--capfilt-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra capfilt --set override (repeatable; after the matched settings)")
-    p.add_argument("--capfilt-executor", default="ray", choices=["ray", "local"],
-                   help="capfilt's --executor (default ray: auto would run <= 1,000 rows in-process, so a "
-                        "memory scan across that size would compare two executors)")
+    p.add_argument("--capfilt-executor", default="auto", choices=["auto", "ray", "local"],
+                   help="capfilt's --executor (default auto, what a user gets: in-process for the download "
+                        "recipe at any size, one download process per core)")
     p.add_argument("--memory-scan", default=None, metavar="N1,N2,...",
                    help="capfilt only: one run per row count, peak RSS each and the last/first ratio")
     p.add_argument("--threads", type=int, default=64, help="download threads per process/task")

@@ -286,7 +286,9 @@ def choose_executor(opts: RunOptions, cfg: PipelineConfig, input_rows: int) -> s
 
     ``auto``: ``local`` for refilter (no model, no download); ``ray`` when a cluster is named
     (``--ray-address`` or ``RAY_ADDRESS``, e.g. under ``ray job submit``); else ``local`` for an
-    input of at most :data:`LOCAL_MAX_ROWS` rows and ``ray`` for a larger one.
+    input of at most :data:`LOCAL_MAX_ROWS` rows or a recipe without model stages (``download``:
+    the local executor spreads the download over one process per core, which Ray's own processes
+    only slow down on one machine; benchmarks/RESULTS.md), and ``ray`` for a larger model run.
     """
     if opts.executor != "auto":
         return opts.executor
@@ -294,7 +296,7 @@ def choose_executor(opts: RunOptions, cfg: PipelineConfig, input_rows: int) -> s
         return "local"
     if opts.ray_address or os.environ.get("RAY_ADDRESS"):
         return "ray"
-    return "local" if input_rows <= LOCAL_MAX_ROWS else "ray"
+    return "local" if input_rows <= LOCAL_MAX_ROWS or not model_roles(cfg) else "ray"
 
 
 def _try_record(out: Location, record: RunRecord) -> None:

@@ -1,4 +1,4 @@
-"""``--executor auto``: small inputs run in this process, larger ones and named clusters on Ray."""
+"""``--executor auto``: small inputs and model-free recipes run in this process, larger model runs and named clusters on Ray."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ def test_auto_is_local_up_to_the_limit_and_ray_above_it():
     assert choose_executor(_opts(), blip, 8) == "local"
     assert choose_executor(_opts(), blip, LOCAL_MAX_ROWS) == "local"
     assert choose_executor(_opts(), blip, LOCAL_MAX_ROWS + 1) == "ray"
+
+
+def test_a_recipe_without_models_is_local_at_any_size_unless_a_cluster_is_named(monkeypatch):
+    download = load_pipeline("download")
+    assert choose_executor(_opts(), download, 10**6) == "local"  # one process per core for the download
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert choose_executor(_opts(), download, 10**6) == "ray"
 
 
 def test_a_named_cluster_always_gets_ray(monkeypatch):
