@@ -481,7 +481,8 @@ class ResourcesConfig(Strict):
     node every core for whichever model is computing (1.26-1.29x the two pools end to end on 2 cores,
     ``benchmarks/RESULTS.md``). ``auto`` (the default) is resolved when the recipe is read: fused,
     unless the recipe sets ``resources.caption`` or ``resources.score`` (which only two pools use);
-    ``false`` forces two pools.
+    ``false`` forces two pools. ``true`` together with ``resources.caption`` or ``resources.score``
+    is refused: those pools would not exist, so their sizes would be ignored.
     """
 
     fused: bool = True
@@ -489,8 +490,16 @@ class ResourcesConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _resolve_fused(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("fused", "auto") == "auto":
-            data = {**data, "fused": not ({"caption", "score"} & set(data))}
+        if not isinstance(data, dict):
+            return data
+        pools = sorted({"caption", "score"} & set(data))
+        if data.get("fused", "auto") == "auto":
+            return {**data, "fused": not pools}
+        if pools and data["fused"] in (True, "true", "True", 1):
+            named = " and ".join(f"resources.{p}" for p in pools)
+            raise ValueError(f"fused=true runs caption and score in one caption_score actor, so {named} (the "
+                             f"size of a separate pool) would be ignored: size resources.caption_score instead, "
+                             f"or set resources.fused=false for two pools")
         return data
 
     read: StageResources = StageResources(num_cpus=0.25)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
-from capfilt.config import StageResources, load_pipeline
+from capfilt.config import ConfigError, StageResources, load_pipeline
 from capfilt.runner import StagePlan, actor_threads, map_stages, resolve_auto, run_ray
 from capfilt.stages.base import RunContext, Stage
 from capfilt.stages.registry import build_stages
@@ -80,7 +81,8 @@ def test_fused_is_the_default_unless_the_recipe_sizes_the_two_pools():
     assert names(**{"resources.caption.num_gpus": 0.5})[3:5] == ["caption", "score"]
     assert names(**{"resources.score.concurrency": 2})[3:5] == ["caption", "score"]
     assert names(**{"resources.fused": False})[3:5] == ["caption", "score"]
-    assert names(**{"resources.fused": True, "resources.caption.num_gpus": 0.5})[3] == "caption_score"
+    with pytest.raises(ConfigError, match=r"resources.caption \(the size of a separate pool\) would be ignored"):
+        names(**{"resources.fused": True, "resources.caption.num_gpus": 0.5})
     assert names(**{"resources.fused": "auto"})[3] == "caption_score"
 
 
