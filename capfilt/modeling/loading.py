@@ -74,7 +74,18 @@ def _hub_cached(repo_id: str, revision: str | None) -> bool:
 
 def how_to_provide(model_id: str, run: bool = True) -> str:
     """The one-paragraph advice appended to every :class:`ModelLoadError` about ``model_id``
-    (``run=False``: without the ``capfilt run`` preset advice, for training recipes)."""
+    (``run=False``: without the ``capfilt run`` preset advice, for training recipes).
+
+    A local folder (:func:`looks_local`) gets advice about the folder (save the model into it with
+    ``save_pretrained``), not about downloading a Hub id that it is not.
+    """
+    if looks_local(model_id):
+        head = (f"{model_id} is a local folder: save the model into it with `model.save_pretrained(folder)` and "
+                f"`processor.save_pretrained(folder)` (config.json, the weights and the tokenizer/processor files "
+                f"of one checkpoint), or point the model id at a folder that holds a complete one")
+        if not run:
+            return head + "."
+        return head + "; or use `--models tiny` for an offline smoke test with random weights."
     head = (f"To provide it: on a machine with internet run `hf download {model_id}` (older huggingface_hub: "
             f"`huggingface-cli download {model_id}`) and copy the Hugging Face cache (~/.cache/huggingface/hub, "
             f"or $HF_HOME/hub) to this machine")
@@ -197,8 +208,9 @@ def load_pretrained(cls: type, spec: ModelSpec, preset: ModelPreset, **kw: Any) 
 
     Raises:
         ModelLoadError: the checkpoint cannot be found (not cached, offline, no such repo or
-            folder, connection failure) or read, or its weights do not fit its config (shape
-            mismatch); one paragraph naming the model and how to provide it, no traceback.
+            folder, connection failure) or read (e.g. a truncated ``model.safetensors``), or its
+            weights do not fit its config (shape mismatch); one paragraph naming the model and how
+            to provide it, no traceback.
     """
     device, dtype = resolve_device_dtype(spec)
     res = _resolve(spec, preset)
@@ -216,8 +228,9 @@ def load_pretrained(cls: type, spec: ModelSpec, preset: ModelPreset, **kw: Any) 
                              f"architecture its config.json describes (e.g. a hidden size edited or a config.json "
                              f"from another checkpoint). Put the config.json that belongs to these weights back, or "
                              f"point the preset at the checkpoint it came from.") from None
-    except Exception as e:  # httpx transport errors are not OSErrors
-        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3", "huggingface_hub"):
+    except Exception as e:  # httpx transport errors are not OSErrors; a truncated file raises SafetensorError
+        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3", "huggingface_hub",
+                                                  "safetensors"):
             raise _load_error(spec, "weights", e) from None
         raise
     return model.to(device).eval()

@@ -107,8 +107,9 @@ def test_preflight_local_folder_errors(tmp_path):
         preflight(preset, {"filter"})
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
-    with pytest.raises(ModelLoadError, match="no config.json and weights"):
+    with pytest.raises(ModelLoadError, match="no config.json and weights") as got:
         preflight(_preset(filter={"id": str(tmp_path / "empty")}), {"filter"})
+    assert "is a local folder: save the model into it" in str(got.value) and "hf download" not in str(got.value)
 
 
 def test_preflight_clip_needed_but_preset_has_none():
@@ -176,5 +177,23 @@ def test_weights_that_do_not_fit_their_config_give_one_clear_error(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     spec = ModelSpec(id=str(folder), kind="blip", device="cpu", dtype="float32")
     preset = ModelPreset(captioner=spec, filter=spec)
-    with pytest.raises(ModelLoadError, match="tensor shapes do not match the architecture its config.json"):
+    with pytest.raises(ModelLoadError, match="tensor shapes do not match the architecture its config.json") as got:
         load_pretrained(BlipForConditionalGeneration, spec, preset)
+    assert "hf download" not in str(got.value)
+
+
+def test_a_corrupt_local_checkpoint_gets_advice_about_the_folder_not_a_hub_download(tmp_path):
+    """Fresh-clone trial: truncated weights in a local folder were answered with `hf download <path>`."""
+    import shutil
+
+    from transformers import BlipForConditionalGeneration
+
+    folder = tmp_path / "captioner"
+    shutil.copytree(ensure_tiny_checkpoints() / "tiny-blip-captioner", folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    spec = ModelSpec(id=str(folder), kind="blip", device="cpu", dtype="float32")
+    with pytest.raises(ModelLoadError, match="cannot load the weights") as got:
+        load_pretrained(BlipForConditionalGeneration, spec, ModelPreset(captioner=spec, filter=spec))
+    msg = str(got.value)
+    assert f"{folder} is a local folder: save the model into it" in msg and "hf download" not in msg
