@@ -263,8 +263,9 @@ _register_subcommands()
 
 #: Collector thresholds for the CLI process: a run's start-up imports torch, transformers and
 #: img2dataset's resizer, millions of long-lived objects and next to no garbage, and with CPython's
-#: default (700, 10, 10) the collector keeps re-scanning them (start-up 10-15 % faster here, measured
-#: on the 8-image run of ``benchmarks/bench_fixed_cost.py``). Cycles are still collected, in larger steps.
+#: default (700, 10, 10) the collector keeps re-scanning them (importing torch + transformers' BLIP
+#: + img2dataset's resizer took 10-15 % less time with these, on this 2-core VM, 3 interleaved runs).
+#: Cycles are still collected, in larger steps.
 GC_THRESHOLDS = (50_000, 20, 20)
 
 

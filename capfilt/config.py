@@ -495,7 +495,7 @@ class ResourcesConfig(Strict):
         pools = sorted({"caption", "score"} & set(data))
         if data.get("fused", "auto") == "auto":
             return {**data, "fused": not pools}
-        if pools and data["fused"] in (True, "true", "True", 1):
+        if pools and str(data["fused"]).strip().lower() in ("true", "1", "yes", "on", "t", "y"):
             named = " and ".join(f"resources.{p}" for p in pools)
             raise ValueError(f"fused=true runs caption and score in one caption_score actor, so {named} (the "
                              f"size of a separate pool) would be ignored: size resources.caption_score instead, "
