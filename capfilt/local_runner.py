@@ -16,7 +16,9 @@ processes, one block per process at a time, as img2dataset spreads shards over i
 decoding and resizing are the work) and the input has two blocks or more. The stage's thread then
 hands blocks to the pool and passes the results on in order. The workers are started with
 ``spawn`` (never ``fork`` a process that has threads) and ignore ``SIGINT``: Ctrl-C reaches this
-process, which stops the pool.
+process, which stops the pool. As with any ``spawn`` pool (img2dataset's included), a script that
+calls :func:`capfilt.api.run` must start it under ``if __name__ == "__main__":``, since each worker
+imports the script's main module again.
 
 An exception in any stage stops the others and is raised to the caller; a ``KeyboardInterrupt``
 in the caller stops them too. Committed work stays committed (the writer's protocol).
