@@ -113,7 +113,7 @@ def run(
         help="Whether CSV/TSV files start with a header row. auto (default): yes, unless a cell of the "
              "first row is an http(s) URL. Without a header, columns are named col0, col1, ... and "
              "--url-col/--caption-col take positions.")] = None,
-    rows_per_shard: Annotated[Optional[int], typer.Option(help="Input rows per output shard.")] = None,
+    rows_per_shard: Annotated[Optional[int], typer.Option(help="Input rows per output shard (default: the recipe's, 1000 in the bundled ones).")] = None,
     num_captions: Annotated[Optional[int], typer.Option(help="Synthetic captions per image.")] = None,
     itm_threshold: Annotated[Optional[float], typer.Option(help="Keep texts with ITM probability >= this.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Keep at most this many texts per image.")] = None,
@@ -126,9 +126,10 @@ def run(
              "'contaminated' before the models run; repeatable.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Join a Ray cluster (e.g. auto); default: "
                                                        "RAY_ADDRESS or a local Ray.")] = None,
-    executor: Annotated[str, typer.Option(help="ray | local (in-process, a thread per stage) | auto: local for inputs "
-                                               "of <= 1000 rows unless --ray-address or RAY_ADDRESS names a "
-                                               "cluster, else ray")] = "auto",
+    executor: Annotated[str, typer.Option(help="ray | local (in-process, a thread per stage) | auto: local for "
+                                               "refilter, for inputs of <= 1000 rows and for recipes without a model "
+                                               "stage (download: one process per core), unless --ray-address or "
+                                               "RAY_ADDRESS names a cluster; else ray")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Delete what capfilt wrote in the output (any earlier run, same "
                                             "settings or not) and start again; other files are kept.")] = False,
     progress: Annotated[bool, typer.Option(help="Show Ray's progress bars (a terminal); capfilt's progress lines "

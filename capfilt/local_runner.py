@@ -16,7 +16,8 @@ processes, one block per process at a time, as img2dataset spreads shards over i
 decoding and resizing are the work) and the input has two blocks or more. The stage's thread then
 hands blocks to the pool and passes the results on in order. The workers are started with
 ``spawn`` (never ``fork`` a process that has threads) and ignore ``SIGINT``: Ctrl-C reaches this
-process, which stops the pool. As with any ``spawn`` pool (img2dataset's included), a script that
+process, which stops the pool. A worker also exits by itself within a second of this process
+dying (a ``kill -9``, the out-of-memory killer), which leaves no one to stop it. As with any ``spawn`` pool (img2dataset's included), a script that
 calls :func:`capfilt.api.run` must start it under ``if __name__ == "__main__":``, since each worker
 imports the script's main module again.
 
@@ -100,9 +101,20 @@ def block_processes(plans: list[Any], blocks: int, cpus: int | None = None) -> i
     return max(1, min(n, blocks))
 
 
-def _ignore_sigint() -> None:
-    """Worker initializer: Ctrl-C is the parent's to handle (it stops the pool)."""
+def _worker_init(parent: int) -> None:
+    """Worker initializer: Ctrl-C is the parent's to handle (it stops the pool), and the worker
+    exits when process ``parent`` is gone (:func:`_exit_with_parent` on a daemon thread)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="capfilt-parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """End this worker process once its parent is not ``parent`` any more (the parent died and the
+    worker was re-parented): a pool worker blocked on its task queue would otherwise wait for ever."""
+    while True:
+        time.sleep(every_s)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def _call_in_worker(stage: Stage, batch: pa.Table) -> pa.Table:
@@ -190,7 +202,7 @@ def run_local(specs: pa.Table, plans: list[Any], counter: Any = None, depth: int
         pending: collections.deque = collections.deque()  # futures, in block order
         ended = False
         pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_ignore_sigint)
+                                   initializer=_worker_init, initargs=(os.getpid(),))
         try:
             while not stop.is_set():
                 if pending and pending[0].done():

@@ -26,7 +26,7 @@ def print_summary(result, con: Console | None = None) -> None:
     table.add_row("texts kept (web / synthetic)", f"{tk.get('web', 0):,} / {tk.get('synthetic', 0):,}")
     for stage, tp in t.get("throughput", {}).items():
         rate = ", ".join(f"{format_rate(v)} {k.replace('_per_s', '')}/s" for k, v in tp.items() if k.endswith("_per_s"))
-        table.add_row(f"{stage} throughput", rate)
+        table.add_row(f"{stage} throughput (per busy worker)", rate)
     table.add_row("shard parts written / already done", f"{result.parts_written} / {result.parts_skipped}")
     table.add_row("output", str(result.output))
     table.add_row("wall time", f"{result.wall_seconds:.1f} s")

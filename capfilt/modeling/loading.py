@@ -80,7 +80,7 @@ def how_to_provide(model_id: str, run: bool = True) -> str:
     ``save_pretrained``), not about downloading a Hub id that it is not.
     """
     if looks_local(model_id):
-        head = (f"{model_id} is a local folder: save the model into it with `model.save_pretrained(folder)` and "
+        head = (f"{model_id} is a local path: save the model there with `model.save_pretrained(folder)` and "
                 f"`processor.save_pretrained(folder)` (config.json, the weights and the tokenizer/processor files "
                 f"of one checkpoint), or point the model id at a folder that holds a complete one")
         if not run:
@@ -139,7 +139,8 @@ def _resolve(spec: ModelSpec, preset: ModelPreset) -> ResolvedModel:
 
         if spec.id not in TINY_NAMES:
             raise ModelLoadError(f"model preset {preset.name!r} uses the tiny builder, which makes "
-                                 f"{', '.join(TINY_NAMES)}; it has no model {spec.id!r}.")
+                                 f"{', '.join(TINY_NAMES)}; it has no model {spec.id!r}. To load a local folder or "
+                                 f"a Hub id instead, remove the line `builder: tiny` from the preset.")
     return resolve_checkpoint(spec.id, preset.builder, spec.revision)
 
 

@@ -109,7 +109,7 @@ def test_preflight_local_folder_errors(tmp_path):
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="no config.json and weights") as got:
         preflight(_preset(filter={"id": str(tmp_path / "empty")}), {"filter"})
-    assert "is a local folder: save the model into it" in str(got.value) and "hf download" not in str(got.value)
+    assert "is a local path: save the model there" in str(got.value) and "hf download" not in str(got.value)
 
 
 def test_preflight_clip_needed_but_preset_has_none():
@@ -196,4 +196,4 @@ def test_a_corrupt_local_checkpoint_gets_advice_about_the_folder_not_a_hub_downl
     with pytest.raises(ModelLoadError, match="cannot load the weights") as got:
         load_pretrained(BlipForConditionalGeneration, spec, ModelPreset(captioner=spec, filter=spec))
     msg = str(got.value)
-    assert f"{folder} is a local folder: save the model into it" in msg and "hf download" not in msg
+    assert f"{folder} is a local path: save the model there" in msg and "hf download" not in msg

@@ -223,3 +223,74 @@ def test_block_processes_one_per_core_only_without_models_and_with_two_blocks_or
     assert block_processes([download, model, write], blocks=10, cpus=4) == 1  # the models take the cores
     capped = SimpleNamespace(stage=download.stage, resources=StageResources(concurrency=2))
     assert block_processes([capped, write], blocks=10, cpus=4) == 2
+
+
+class _PidFile(Stage):
+    """A ``parallel_blocks`` task that writes its process id into ``folder`` and then sleeps."""
+
+    name = "work"
+    shape = "task"
+    parallel_blocks = True
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import os
+        import time
+        from pathlib import Path
+
+        Path(self.folder, f"pid-{os.getpid()}").touch()
+        time.sleep(120)
+        return batch
+
+
+def test_worker_processes_exit_when_the_parent_is_killed(tmp_path):
+    """Fresh-clone trial: after a kill -9 of the capfilt process alone (as the OOM killer does),
+    its two download workers stayed alive, asleep, for as long as anyone watched."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "from types import SimpleNamespace\n"
+        "import pyarrow as pa\n"
+        "from capfilt.local_runner import run_local\n"
+        "from tests.stages.test_local_runner import _PidFile, _Spec\n"
+        "if __name__ == '__main__':\n"
+        "    plans = [SimpleNamespace(stage=_Spec()), SimpleNamespace(stage=_PidFile(sys.argv[1]))]\n"
+        "    list(run_local(pa.table({'n': [0, 1, 2, 3]}), plans, processes=2))\n"
+    )
+    (tmp_path / "run.py").write_text(script)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(pids)], cwd=root)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = [int(p.name.split("-")[1]) for p in pids.iterdir()]
+        assert len(workers) == 2, "the two workers never started"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in workers if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert left == []
