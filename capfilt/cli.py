@@ -113,7 +113,8 @@ def run(
         help="Whether CSV/TSV files start with a header row. auto (default): yes, unless a cell of the "
              "first row is an http(s) URL. Without a header, columns are named col0, col1, ... and "
              "--url-col/--caption-col take positions.")] = None,
-    rows_per_shard: Annotated[Optional[int], typer.Option(help="Input rows per output shard (default: the recipe's, 1000 in the bundled ones).")] = None,
+    rows_per_shard: Annotated[Optional[int], typer.Option(
+        help="Input rows per output shard (default: the recipe's, 1000 in the bundled ones).")] = None,
     num_captions: Annotated[Optional[int], typer.Option(help="Synthetic captions per image.")] = None,
     itm_threshold: Annotated[Optional[float], typer.Option(help="Keep texts with ITM probability >= this.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Keep at most this many texts per image.")] = None,

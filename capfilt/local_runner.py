@@ -17,9 +17,9 @@ decoding and resizing are the work) and the input has two blocks or more. The st
 hands blocks to the pool and passes the results on in order. The workers are started with
 ``spawn`` (never ``fork`` a process that has threads) and ignore ``SIGINT``: Ctrl-C reaches this
 process, which stops the pool. A worker also exits by itself within a second of this process
-dying (a ``kill -9``, the out-of-memory killer), which leaves no one to stop it. As with any ``spawn`` pool (img2dataset's included), a script that
-calls :func:`capfilt.api.run` must start it under ``if __name__ == "__main__":``, since each worker
-imports the script's main module again.
+dying (a ``kill -9``, the out-of-memory killer), which leaves no one to stop it. As with any
+``spawn`` pool (img2dataset's included), a script that calls :func:`capfilt.api.run` must start it
+under ``if __name__ == "__main__":``, since each worker imports the script's main module again.
 
 An exception in any stage stops the others and is raised to the caller; a ``KeyboardInterrupt``
 in the caller stops them too. Committed work stays committed (the writer's protocol).
