@@ -82,16 +82,18 @@ def _safe_report(report: Any, name: str, started: int, done: int) -> None:
 def block_processes(plans: list[Any], blocks: int, cpus: int | None = None) -> int:
     """Worker processes for the ``parallel_blocks`` stages of a local run (1: in the stage's thread).
 
-    One per core (``resources.<stage>.concurrency`` caps it when set) when no model stage runs and
-    there are at least two blocks; with a model stage the models take the cores (and decoding is a
-    small part of the work), and one block gains nothing from a second process.
+    One per core (``resources.<stage>.concurrency`` caps it when set) when no model stage
+    (``actor_pool``, the stages that take turns on the model lock) runs and there are at least two
+    blocks; with a model stage the models take the cores (and decoding is a small part of the
+    work), and one block gains nothing from a second process. A ``single_actor`` stage (exact or
+    near dedup: run-wide state, no model) does not count as one.
 
     Args:
         plans: :class:`capfilt.runner.StagePlan` s (``.stage``; ``.resources`` when present).
         blocks: blocks in the run (specs after :func:`capfilt.stages.read.stream_blocks`).
         cpus: cores to use (default: ``os.cpu_count()``).
     """
-    if blocks < 2 or any(p.stage.shape in ("actor_pool", "single_actor") for p in plans):
+    if blocks < 2 or any(p.stage.shape == "actor_pool" for p in plans):
         return 1
     n = cpus or os.cpu_count() or 1
     for p in plans:

@@ -221,6 +221,8 @@ def test_block_processes_one_per_core_only_without_models_and_with_two_blocks_or
     assert block_processes([download, write], blocks=3, cpus=4) == 3  # never more processes than blocks
     assert block_processes([download, write], blocks=1, cpus=4) == 1
     assert block_processes([download, model, write], blocks=10, cpus=4) == 1  # the models take the cores
+    dedup = SimpleNamespace(stage=_Add("dedup", 0, shape="single_actor"), resources=StageResources())
+    assert block_processes([download, dedup, write], blocks=10, cpus=4) == 4  # run-wide state, no model
     capped = SimpleNamespace(stage=download.stage, resources=StageResources(concurrency=2))
     assert block_processes([capped, write], blocks=10, cpus=4) == 2
 
