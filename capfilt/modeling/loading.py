@@ -170,6 +170,11 @@ def resolve_device_dtype(spec: ModelSpec) -> tuple[Any, Any]:
     return device, dtype
 
 
+#: Packages whose exceptions mean "the checkpoint could not be fetched" (httpx transport errors are
+#: not OSErrors); they become a :class:`ModelLoadError` like a missing file.
+_TRANSPORT_MODULES = ("httpx", "httpx2", "requests", "urllib3", "huggingface_hub")
+
+
 def _load_error(spec: ModelSpec, what: str, err: BaseException) -> ModelLoadError:
     detail = shorten(one_line(err).rstrip("."), 300, "...")
     rev = f" (revision {spec.revision})" if spec.revision else ""
@@ -230,8 +235,7 @@ def load_pretrained(cls: type, spec: ModelSpec, preset: ModelPreset, **kw: Any) 
                              f"from another checkpoint). Put the config.json that belongs to these weights back, or "
                              f"point the preset at the checkpoint it came from.") from None
     except Exception as e:  # httpx transport errors are not OSErrors; a truncated file raises SafetensorError
-        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3", "huggingface_hub",
-                                                  "safetensors"):
+        if type(e).__module__.split(".")[0] in _TRANSPORT_MODULES + ("safetensors",):
             raise _load_error(spec, "weights", e) from None
         raise
     return model.to(device).eval()
@@ -250,7 +254,7 @@ def load_processor(cls: type, spec: ModelSpec, preset: ModelPreset, **kw: Any) -
     except (OSError, ValueError, ConnectionError) as e:
         raise _load_error(spec, "processor/tokenizer", e) from None
     except Exception as e:
-        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3", "huggingface_hub"):
+        if type(e).__module__.split(".")[0] in _TRANSPORT_MODULES:
             raise _load_error(spec, "processor/tokenizer", e) from None
         raise
 
